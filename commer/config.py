@@ -1,0 +1,66 @@
+"""Typed configuration of the two soft-prompt methods.
+
+A config is plain data: it is validated once, in ``__post_init__``, with errors that name the field and the value,
+and it round-trips through a dict (for the JSON written next to every checkpoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+Method = Literal["commer", "prompt_tuning"]
+MergeStrategy = Literal["mean", "concat"]
+PromptFormat = Literal["chat", "plain"]
+
+
+def _positive(name: str, value: float) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+
+
+@dataclass
+class ComMerConfig:
+    """Hyper-parameters of ComMer and of the prompt-tuning baseline.
+
+    Defaults follow the paper (appendix A.1): LoRA rank 64, alpha 16, dropout 0.1 on every attention and MLP
+    projection; ``num_embeddings`` (K) is one of 4..128 in the paper.
+    """
+
+    method: Method = "commer"
+    num_embeddings: int = 16
+    merge: MergeStrategy = "mean"
+    lora_r: int = 64
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    # "all-linear" is peft's name for every linear layer but the LM head: the attention and MLP projections.
+    lora_target_modules: str | list[str] = "all-linear"
+    # How instructions become tokens: "chat" uses the tokenizer's chat template when it has one.
+    prompt_format: PromptFormat = "chat"
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("commer", "prompt_tuning"):
+            raise ValueError(f"method must be 'commer' or 'prompt_tuning', got {self.method!r}")
+        if not isinstance(self.num_embeddings, int) or self.num_embeddings < 1:
+            raise ValueError(f"num_embeddings (K) must be an integer >= 1, got {self.num_embeddings!r}")
+        if self.merge not in ("mean", "concat"):
+            raise ValueError(f"merge must be 'mean' or 'concat', got {self.merge!r}")
+        _positive("lora_r", self.lora_r)
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.prompt_format not in ("chat", "plain"):
+            raise ValueError(f"prompt_format must be 'chat' or 'plain', got {self.prompt_format!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ComMerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ComMerConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
