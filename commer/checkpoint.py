@@ -1,0 +1,87 @@
+"""Checkpoints hold only what was trained: LoRA + compression embeddings (ComMer) or the soft prompt (prompt tuning),
+as safetensors, plus a JSON file with the resolved config and the backbone it was trained on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from commer import __version__
+from commer.backbone import Backbone, load_backbone
+from commer.config import ComMerConfig
+from commer.model import SoftPromptLM, build_model
+
+WEIGHTS = "trainable.safetensors"
+META = "commer.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed, or does not belong to the backbone it is loaded on."""
+
+
+def save_checkpoint(model: SoftPromptLM, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model``'s trainable weights and config to the folder ``path``; returns it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {name: p.detach().to("cpu").contiguous() for name, p in model.trainable_state().items()}
+    save_file(state, str(path / WEIGHTS))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "commer_version": __version__,
+        "config": model.config.to_dict(),
+        "backbone": {"name": model.backbone_name, "fingerprint": model.backbone_fingerprint},
+        "trainable_parameters": sum(t.numel() for t in state.values()),
+        **(extra or {}),
+    }
+    (path / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON half of a checkpoint."""
+    path = Path(path)
+    if not (path / META).is_file() or not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path} is not a commer checkpoint: expected {META} and {WEIGHTS} in it")
+    try:
+        meta = json.loads((path / META).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path / META} is not valid JSON: {err}") from err
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def load_checkpoint(
+    path: str | Path, backbone: Backbone | None = None, device: str | torch.device = "cpu"
+) -> SoftPromptLM:
+    """Rebuild the model saved at ``path`` on ``backbone`` (default: load the backbone the checkpoint names).
+
+    Raises ``CheckpointError`` when the backbone's weights differ from those the checkpoint was trained on.
+    """
+    meta = read_meta(path)
+    expected = meta["backbone"]
+    if backbone is None:
+        backbone = load_backbone(expected["name"], device=device)
+    if backbone.fingerprint != expected["fingerprint"]:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on backbone {expected['name']!r} (fingerprint {expected['fingerprint']}), "
+            f"but the backbone given is {backbone.name!r} (fingerprint {backbone.fingerprint}): they are not the same "
+            "weights"
+        )
+    model = build_model(backbone, ComMerConfig.from_dict(meta["config"]))
+    state = load_file(str(Path(path) / WEIGHTS), device=str(model.device))
+    own = model.trainable_state()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if own[name].shape != tensor.shape:
+                raise CheckpointError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model {tuple(own[name].shape)}")
+            own[name].copy_(tensor)
+    return model

@@ -1,0 +1,122 @@
+"""Examples -> model ``Batch``es: the only place where text meets token ids.
+
+ComMer reads each document separately (it is compressed on its own); prompt tuning reads the documents as text in
+the prompt, ``Document 1: ... Document 2: ...`` then the instruction (appendix A.2 of the paper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from commer.batch import Batch
+from commer.config import ComMerConfig
+from commer.data.example import Example
+from commer.model import IGNORE_INDEX, DocumentTooLongError
+
+
+def documents_as_text(documents: Sequence[str], instruction: str) -> str:
+    """The prompt-tuning prompt: numbered documents, then the instruction."""
+    if not documents:
+        return instruction
+    numbered = "\n".join(f"Document {i}: {doc}" for i, doc in enumerate(documents, start=1))
+    return f"{numbered}\n\n{instruction}"
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into ``(n, L)`` ids and a bool mask."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = True
+    return ids, mask
+
+
+class Collator:
+    """Tokenizes examples for the method in ``config`` and checks they fit the backbone's context."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ComMerConfig, max_length: int) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token: answers could not be terminated")
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_length = max_length
+        self.use_chat = config.prompt_format == "chat" and tokenizer.chat_template is not None
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # -- pieces, also used by the text-level ``Personalizer`` ---------------------------------------------------------
+    def encode_documents(self, documents: Sequence[str], owner: str = "") -> list[list[int]]:
+        """Token ids of each document; empty or over-long documents raise an error naming them."""
+        where = f" of user {owner!r}" if owner else ""
+        limit = self.max_length - self.config.num_embeddings
+        encoded = []
+        for i, doc in enumerate(documents):
+            if not isinstance(doc, str) or not doc.strip():
+                raise ValueError(f"document {i}{where} is empty: a document needs some text to compress")
+            ids = self.tokenizer(doc, add_special_tokens=False)["input_ids"]
+            if len(ids) > limit:
+                raise DocumentTooLongError(
+                    f"document {i}{where} has {len(ids)} tokens; with K={self.config.num_embeddings} compression "
+                    f"slots the backbone's context allows at most {limit}"
+                )
+            encoded.append(ids)
+        return encoded
+
+    def encode_prompt(self, instruction: str) -> list[int]:
+        """Token ids the generator reads after the soft prompt, ending where the answer starts."""
+        if self.use_chat:
+            messages = [{"role": "user", "content": instruction}]
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return self.tokenizer(f"Question: {instruction}\nAnswer:", add_special_tokens=False)["input_ids"]
+
+    def encode_answer(self, answer: str) -> list[int]:
+        text = answer if self.use_chat else " " + answer
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+
+    def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return _pad(rows, self.pad_id)
+
+    # -- whole batches ------------------------------------------------------------------------------------------------
+    def __call__(self, examples: Sequence[Example], with_answers: bool = True) -> Batch:
+        """Collate ``examples``; ``with_answers=False`` gives prompts only (for generation)."""
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        commer = self.config.method == "commer"
+        docs, owner, inputs, labels = [], [], [], []
+        for b, ex in enumerate(examples):
+            encoded_docs = self.encode_documents(ex.documents, ex.user_id)
+            if commer:
+                docs += encoded_docs
+                owner += [b] * len(encoded_docs)
+                prompt = self.encode_prompt(ex.instruction)
+            else:
+                prompt = self.encode_prompt(documents_as_text(ex.documents, ex.instruction))
+            answer = self.encode_answer(ex.answer) if with_answers else []
+            k = self.config.num_embeddings
+            prefix_len = k * len(encoded_docs) if commer and self.config.merge == "concat" else k
+            generator_len = prefix_len + len(prompt) + len(answer)
+            if generator_len > self.max_length:
+                raise DocumentTooLongError(
+                    f"example of user {ex.user_id!r}: the generator would read {generator_len} positions, more than "
+                    f"the backbone's context of {self.max_length}"
+                )
+            inputs.append(prompt + answer)
+            labels.append([IGNORE_INDEX] * len(prompt) + answer)
+        doc_ids, doc_mask = self.pad(docs)
+        input_ids, input_mask = self.pad(inputs)
+        label_ids = None
+        if with_answers:
+            label_ids, _ = _pad(labels, IGNORE_INDEX)
+        return Batch(
+            doc_ids=doc_ids,
+            doc_mask=doc_mask,
+            doc_owner=torch.tensor(owner, dtype=torch.long),
+            input_ids=input_ids,
+            input_mask=input_mask,
+            labels=label_ids,
+        )

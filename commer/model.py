@@ -1,0 +1,297 @@
+"""ComMer and the prompt-tuning baseline: a frozen causal LM that reads a soft prompt before the request.
+
+Reading order: ``SoftPromptLM`` (the frozen generator: loss, perplexity, decoding) -> ``ComMer`` (compress each document
+with a LoRA'd copy of the same weights, merge, hand the merged prompt to the generator) -> ``PromptTuning`` (one trained
+soft prompt, the documents go into the text prompt instead).
+
+The models know nothing about tokenization: they read ``Batch`` tensors (see ``commer.data.collate``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from commer.backbone import Backbone
+from commer.batch import Batch
+from commer.config import ComMerConfig
+from commer.merge import merge_batch
+
+IGNORE_INDEX = -100
+
+
+class DocumentTooLongError(ValueError):
+    """A document plus the K compression slots does not fit the backbone's context."""
+
+
+def _vocab_init(embeddings: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
+    """Initialise soft tokens as copies of random vocabulary embeddings (Lester et al.): they start on the scale and in
+    the region of the embedding space the frozen LM expects, which trains faster and more stably than Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, embeddings.shape[0], (rows,), generator=g)
+    return embeddings.detach()[idx.to(embeddings.device)].clone().float()
+
+
+class SoftPromptLM(nn.Module):
+    """The frozen generator: reads ``concat(prefix, embed(input_ids))``. Subclasses define ``prefix(batch)``."""
+
+    def __init__(self, backbone: Backbone, config: ComMerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone_name = backbone.name
+        self.backbone_fingerprint = backbone.fingerprint
+        self.max_length = backbone.max_length
+
+    # -- subclass interface -------------------------------------------------------------------------------------
+    @property
+    def lm(self) -> nn.Module:
+        """The Hugging Face causal LM (its weights are frozen)."""
+        raise NotImplementedError
+
+    def prefix(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The soft prompt of each example: ``(B, P, D)`` vectors and a ``(B, P)`` bool mask."""
+        raise NotImplementedError
+
+    def generator(self) -> contextlib.AbstractContextManager:
+        """Context in which ``self.lm`` is the plain frozen backbone."""
+        return contextlib.nullcontext()
+
+    # -- shared by both methods -----------------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.lm.get_input_embeddings().weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor by name: exactly what a checkpoint stores."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def _generator_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        prefix, prefix_mask = self.prefix(batch)
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        embeds = torch.cat([prefix.to(dtype), self.embed(batch.input_ids)], dim=1)  # (B, P + L, D)
+        mask = torch.cat([prefix_mask, batch.input_mask], dim=1)  # (B, P + L)
+        labels = None
+        if batch.labels is not None:
+            pad = batch.labels.new_full(prefix_mask.shape, IGNORE_INDEX)
+            labels = torch.cat([pad, batch.labels], dim=1)
+        return embeds, mask, labels
+
+    def nll(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed negative log-likelihood of each example's answer tokens and their number, both ``(B,)``."""
+        embeds, mask, labels = self._generator_inputs(batch)
+        if labels is None:
+            raise ValueError("this batch has no labels: collate it with answers to compute a loss or perplexity")
+        # Move masked positions (empty prefixes, padding) to the end: then no real query attends to a slot with no
+        # valid key, and the loss is unchanged because it is selected by label, not by position.
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+        mask, labels = mask.gather(1, order), labels.gather(1, order)
+        with self.generator():
+            hidden = self.lm.get_decoder()(
+                inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False
+            ).last_hidden_state  # (B, T, D)
+        targets = labels[:, 1:]
+        selected = targets != IGNORE_INDEX  # (B, T - 1)
+        # The LM head is applied to answer positions only: the vocabulary projection dominates a small model's cost.
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][selected]).float()  # (n_answer_tokens, V)
+        token_nll = F.cross_entropy(logits, targets[selected], reduction="none")
+        rows = torch.nonzero(selected)[:, 0]
+        nll = token_nll.new_zeros(batch.size).index_add(0, rows, token_nll)
+        return nll, selected.sum(1)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy over all answer tokens of the batch (the training objective)."""
+        nll, n_tokens = self.nll(batch)
+        return nll.sum() / n_tokens.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def perplexity(self, batch: Batch) -> torch.Tensor:
+        """Per-example perplexity of the gold answer, ``(B,)``."""
+        nll, n_tokens = self.nll(batch)
+        return torch.exp(nll / n_tokens.clamp(min=1))
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, **kwargs) -> torch.Tensor:
+        """Decode an answer for every example of ``batch`` (its prompts, without answers). See ``decode``."""
+        prefix, prefix_mask = self.prefix(batch)
+        return self.decode(prefix, prefix_mask, batch.input_ids, batch.input_mask, **kwargs)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        prefix: torch.Tensor,
+        prefix_mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        input_mask: torch.Tensor,
+        *,
+        eos_token_id: int | list[int],
+        pad_token_id: int,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Greedy (``temperature == 0``) or nucleus-sampled decoding with a KV cache, many users at once.
+
+        Args:
+            prefix: ``(B, P, D)`` soft prompts, ``prefix_mask`` ``(B, P)``: each user's own (masked where absent).
+            input_ids, input_mask: ``(B, L)`` prompts, padded on either side.
+        Returns:
+            ``(B, T)`` new token ids, ``T <= max_new_tokens``; after a row's EOS, ``pad_token_id``.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id, device=self.device)
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        embeds = torch.cat([prefix.to(dtype), self.embed(input_ids)], dim=1)  # (B, P + L, D)
+        mask = torch.cat([prefix_mask, input_mask.bool()], dim=1)
+        # Left-align: all masked slots first, real tokens last, so every row's next token goes at the same index.
+        order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+        embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+        mask = mask.gather(1, order).long()
+        if self.max_length and mask.shape[1] + max_new_tokens > self.max_length:
+            raise ValueError(
+                f"prompt of {mask.shape[1]} positions + {max_new_tokens} new tokens exceeds the backbone's "
+                f"context of {self.max_length}"
+            )
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        done = torch.zeros(mask.shape[0], dtype=torch.bool, device=self.device)
+        tokens = []
+        with self.generator():
+            out = self.lm(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            )
+            for _ in range(max_new_tokens):
+                nxt = _pick(out.logits[:, -1].float(), temperature, top_p, generator)
+                nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+                tokens.append(nxt)
+                done |= torch.isin(nxt, eos)
+                if bool(done.all()):
+                    break
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                positions = positions[:, -1:] + 1
+                out = self.lm(
+                    inputs_embeds=self.embed(nxt[:, None]),
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=out.cache,
+                    use_cache=True,
+                )
+        return torch.stack(tokens, dim=1)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token from ``(B, V)`` logits: argmax, or a sample from the top-p nucleus at ``temperature``."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+        # keep the smallest set of tokens whose mass reaches top_p (always at least the most likely one)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0)
+        probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class ComMer(SoftPromptLM):
+    """Compress each document into K vectors (backbone + LoRA + K compression embeddings), mean-merge per user,
+    generate with the same backbone, LoRA disabled: one copy of the weights serves as compressor and generator."""
+
+    def __init__(self, backbone: Backbone, config: ComMerConfig) -> None:
+        super().__init__(backbone, config)
+        if hasattr(backbone.model, "peft_config"):
+            raise ValueError("this backbone already carries a LoRA adapter: load a fresh backbone for each model")
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules,
+            bias="none",
+        )
+        self.peft_model = get_peft_model(backbone.model, lora)  # injects LoRA in place, freezes everything else
+        weight = backbone.model.get_input_embeddings().weight
+        self.compression_embeddings = nn.Parameter(
+            _vocab_init(weight, config.num_embeddings, config.init_seed).to(weight.device)
+        )  # (K, D)
+
+    @property
+    def lm(self) -> nn.Module:
+        return self.peft_model.get_base_model()
+
+    def generator(self) -> contextlib.AbstractContextManager:
+        return self.peft_model.disable_adapter()
+
+    def compress(self, doc_ids: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
+        """Compress documents independently.
+
+        Args:
+            doc_ids, doc_mask: ``(n_docs, L)`` right-padded token ids and their mask.
+        Returns:
+            ``(n_docs, K, D)``: the last layer's hidden states at the K compression slots placed right after each
+            document's last real token (so padding never sits between a document and its slots).
+        """
+        k, d = self.compression_embeddings.shape
+        n_docs, length = doc_ids.shape
+        if n_docs == 0:
+            return self.compression_embeddings.new_zeros(0, k, d)
+        lengths = doc_mask.sum(1)  # (n_docs,)
+        if bool((lengths == 0).any()):
+            raise ValueError(f"document(s) {torch.nonzero(lengths == 0)[:, 0].tolist()} of this batch are empty")
+        if int(lengths.max()) + k > self.max_length:
+            raise DocumentTooLongError(
+                f"a document of {int(lengths.max())} tokens + K={k} compression slots exceeds the backbone's "
+                f"context of {self.max_length} tokens"
+            )
+        tokens = self.embed(doc_ids)
+        embeds = torch.cat([tokens, tokens.new_zeros(n_docs, k, d)], dim=1)  # (n, L + K, D)
+        slot = torch.arange(length + k, device=doc_ids.device)[None, :] - lengths[:, None]  # (n, L + K)
+        is_slot = (slot >= 0) & (slot < k)
+        slot_embeds = self.compression_embeddings.to(embeds.dtype)[slot.clamp(0, k - 1)]  # (n, L + K, D)
+        embeds = torch.where(is_slot[..., None], slot_embeds, embeds)
+        mask = (slot < k).long()  # document tokens and slots; padding after them
+        # The decoder alone: the LM head's vocabulary projection would be wasted work here.
+        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        index = lengths[:, None] + torch.arange(k, device=doc_ids.device)[None, :]  # (n, K)
+        return hidden.gather(1, index[..., None].expand(n_docs, k, d))  # (n, K, D)
+
+    def prefix(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        compressions = self.compress(batch.doc_ids, batch.doc_mask)  # (n_docs, K, D)
+        return merge_batch(compressions, batch.doc_owner, batch.size, self.config.merge)
+
+
+class PromptTuning(SoftPromptLM):
+    """The baseline (Lester et al. 2021): one trained ``(K, D)`` soft prompt before the documents-as-text prompt."""
+
+    def __init__(self, backbone: Backbone, config: ComMerConfig) -> None:
+        super().__init__(backbone, config)
+        self._lm = backbone.model
+        weight = backbone.model.get_input_embeddings().weight
+        self.soft_prompt = nn.Parameter(_vocab_init(weight, config.num_embeddings, config.init_seed).to(weight.device))
+
+    @property
+    def lm(self) -> nn.Module:
+        return self._lm
+
+    def prefix(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        b, (k, d) = batch.size, self.soft_prompt.shape
+        mask = torch.ones(b, k, dtype=torch.bool, device=self.soft_prompt.device)
+        return self.soft_prompt[None].expand(b, k, d), mask
+
+
+def build_model(backbone: Backbone, config: ComMerConfig) -> SoftPromptLM:
+    """The model ``config.method`` names, on ``backbone``."""
+    return ComMer(backbone, config) if config.method == "commer" else PromptTuning(backbone, config)

@@ -1,0 +1,104 @@
+"""Text in, text out: a ComMer model with its tokenizer, for applications (the CLI, the store, the service).
+
+>>> from commer import Personalizer, load_backbone
+>>> p = Personalizer.new(load_backbone("smollm2-135m"))        # or Personalizer.from_checkpoint("ckpt/")
+>>> alice = p.profile(["I run every morning.", "Marathon in May!"])  # a ProfileState: sum + count
+>>> p.generate([alice], ["Suggest a weekend plan."])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from commer.backbone import Backbone
+from commer.checkpoint import load_checkpoint
+from commer.config import ComMerConfig
+from commer.data.collate import Collator
+from commer.merge import ProfileState, stack_profiles
+from commer.model import ComMer
+
+
+class Personalizer:
+    """Compress documents into profiles and answer instructions from them."""
+
+    def __init__(self, model: ComMer, tokenizer: PreTrainedTokenizerBase) -> None:
+        if not isinstance(model, ComMer):
+            raise TypeError(f"Personalizer needs a ComMer model, got {type(model).__name__}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.collator = Collator(tokenizer, model.config, model.max_length)
+
+    @classmethod
+    def new(cls, backbone: Backbone, config: ComMerConfig | None = None) -> Personalizer:
+        """An untrained ComMer (LoRA at zero, compression embeddings at their initial values) on ``backbone``."""
+        return cls(ComMer(backbone, config or ComMerConfig()), backbone.tokenizer)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, backbone: Backbone) -> Personalizer:
+        return cls(load_checkpoint(path, backbone), backbone.tokenizer)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(K, D)`` of one compression."""
+        return tuple(self.model.compression_embeddings.shape)
+
+    @torch.no_grad()
+    def compress(self, documents: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        """``(n, K, D)`` compressions of ``documents`` (float32, on the CPU), in batches of similar lengths."""
+        if not documents:
+            raise ValueError("no documents to compress: pass at least one document")
+        encoded = self.collator.encode_documents(documents)
+        # Sorting by length keeps padding (wasted compute) small; results go back to input order.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        out = torch.empty(len(encoded), *self.shape)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = self.collator.pad([encoded[i] for i in idx])
+            out[idx] = self.model.compress(ids.to(self.model.device), mask.to(self.model.device)).float().cpu()
+        return out
+
+    def profile(self, documents: Sequence[str]) -> ProfileState:
+        """A new profile holding ``documents`` (an empty list gives an empty profile)."""
+        if not documents:
+            return ProfileState(*self.shape)
+        return ProfileState.from_compressions(self.compress(documents))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        profiles: Sequence[ProfileState | None],
+        instructions: Sequence[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        """One answer per (profile, instruction) pair, decoded together in one batch."""
+        if len(profiles) != len(instructions):
+            raise ValueError(f"{len(profiles)} profiles but {len(instructions)} instructions")
+        if not instructions:
+            return []
+        for profile in profiles:
+            if profile is not None and profile.shape != self.shape:
+                raise ValueError(f"a profile of shape {profile.shape} does not fit this model's {self.shape}")
+        dtype = self.model.lm.get_input_embeddings().weight.dtype
+        prefix, prefix_mask = stack_profiles(list(profiles), *self.shape, dtype=dtype, device=self.model.device)
+        ids, mask = self.collator.pad([self.collator.encode_prompt(x) for x in instructions])
+        generator = None if seed is None else torch.Generator(self.model.device).manual_seed(seed)
+        tokens = self.model.decode(
+            prefix,
+            prefix_mask,
+            ids.to(self.model.device),
+            mask.to(self.model.device),
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.collator.pad_id,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            generator=generator,
+        )
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens.tolist()]
