@@ -10,6 +10,7 @@ The models know nothing about tokenization: they read ``Batch`` tensors (see ``c
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +129,12 @@ class SoftPromptLM(nn.Module):
         return self.decode(prefix, prefix_mask, batch.input_ids, batch.input_mask, **kwargs)
 
     @torch.no_grad()
-    def decode(
+    def decode(self, *args, **kwargs) -> torch.Tensor:
+        """All of ``decode_steps`` at once: ``(B, T)`` new token ids, ``T <= max_new_tokens``."""
+        return torch.stack(list(self.decode_steps(*args, **kwargs)), dim=1)
+
+    @torch.no_grad()
+    def decode_steps(
         self,
         prefix: torch.Tensor,
         prefix_mask: torch.Tensor,
@@ -138,22 +144,27 @@ class SoftPromptLM(nn.Module):
         eos_token_id: int | list[int],
         pad_token_id: int,
         max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
+        temperature: float | torch.Tensor = 0.0,
+        top_p: float | torch.Tensor = 1.0,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Greedy (``temperature == 0``) or nucleus-sampled decoding with a KV cache, many users at once.
+    ) -> Iterator[torch.Tensor]:
+        """Greedy or nucleus-sampled decoding with a KV cache, many users at once, one ``(B,)`` step at a time.
 
         Args:
             prefix: ``(B, P, D)`` soft prompts, ``prefix_mask`` ``(B, P)``: each user's own (masked where absent).
             input_ids, input_mask: ``(B, L)`` prompts, padded on either side.
-        Returns:
-            ``(B, T)`` new token ids, ``T <= max_new_tokens``; after a row's EOS, ``pad_token_id``.
+            temperature, top_p: a float for all rows or a ``(B,)`` tensor per row; temperature 0 is greedy.
+        Yields:
+            ``(B,)`` token ids per step until every row has produced EOS or ``max_new_tokens`` steps; after a row's
+            EOS it yields ``pad_token_id`` for that row.
         """
+        b = input_ids.shape[0]
+        temperature = torch.as_tensor(temperature, dtype=torch.float32, device=self.device).expand(b)
+        top_p = torch.as_tensor(top_p, dtype=torch.float32, device=self.device).expand(b)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if bool((temperature < 0).any()) or not bool(((top_p > 0) & (top_p <= 1)).all()):
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature.tolist()}, {top_p.tolist()}")
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id, device=self.device)
         dtype = self.lm.get_input_embeddings().weight.dtype
         embeds = torch.cat([prefix.to(dtype), self.embed(input_ids)], dim=1)  # (B, P + L, D)
@@ -162,27 +173,29 @@ class SoftPromptLM(nn.Module):
         order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
         embeds = embeds.gather(1, order[..., None].expand_as(embeds))
         mask = mask.gather(1, order).long()
-        if self.max_length and mask.shape[1] + max_new_tokens > self.max_length:
+        if mask.shape[1] + max_new_tokens > self.max_length:
             raise ValueError(
                 f"prompt of {mask.shape[1]} positions + {max_new_tokens} new tokens exceeds the backbone's "
                 f"context of {self.max_length}"
             )
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        done = torch.zeros(mask.shape[0], dtype=torch.bool, device=self.device)
-        tokens = []
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        # The generator context is entered per forward pass, not around the loop: a caller may compress documents
+        # (LoRA on) between two steps.
         with self.generator():
             out = self.lm(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
             )
-            for _ in range(max_new_tokens):
-                nxt = _pick(out.logits[:, -1].float(), temperature, top_p, generator)
-                nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-                tokens.append(nxt)
-                done |= torch.isin(nxt, eos)
-                if bool(done.all()):
-                    break
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                positions = positions[:, -1:] + 1
+        for _ in range(max_new_tokens):
+            nxt = _pick(out.logits[:, -1].float(), temperature, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            yield nxt
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()):
+                return
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            with self.generator():
                 out = self.lm(
                     inputs_embeds=self.embed(nxt[:, None]),
                     attention_mask=mask,
@@ -190,21 +203,22 @@ class SoftPromptLM(nn.Module):
                     cache=out.cache,
                     use_cache=True,
                 )
-        return torch.stack(tokens, dim=1)
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token from ``(B, V)`` logits: argmax, or a sample from the top-p nucleus at ``temperature``."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
-        # keep the smallest set of tokens whose mass reaches top_p (always at least the most likely one)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0)
-        probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+def _pick(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token from ``(B, V)`` logits: argmax where ``temperature`` is 0, else a sample from the top-p nucleus."""
+    greedy = logits.argmax(-1)
+    if bool((temperature == 0).all()):
+        return greedy
+    probs = torch.softmax(logits / temperature.clamp(min=1e-6)[:, None], dim=-1)
+    sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+    # keep the smallest set of tokens whose mass reaches top_p (always at least the most likely one)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]
+    probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs.masked_fill(outside, 0))
+    sampled = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.where(temperature == 0, greedy, sampled)
 
 
 class ComMer(SoftPromptLM):

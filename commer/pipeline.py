@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -67,38 +67,61 @@ class Personalizer:
             return ProfileState(*self.shape)
         return ProfileState.from_compressions(self.compress(documents))
 
-    @torch.no_grad()
     def generate(
         self,
         profiles: Sequence[ProfileState | None],
         instructions: Sequence[str],
         max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
+        temperature: float | Sequence[float] = 0.0,
+        top_p: float | Sequence[float] = 1.0,
         seed: int | None = None,
     ) -> list[str]:
         """One answer per (profile, instruction) pair, decoded together in one batch."""
+        if not instructions:
+            return []
+        rows: list[list[int]] = [[] for _ in instructions]
+        for step in self.stream(profiles, instructions, max_new_tokens, temperature, top_p, seed):
+            for row, token in zip(rows, step, strict=True):
+                if token is not None:
+                    row.append(token)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+
+    def stream(
+        self,
+        profiles: Sequence[ProfileState | None],
+        instructions: Sequence[str],
+        max_new_tokens: int = 64,
+        temperature: float | Sequence[float] = 0.0,
+        top_p: float | Sequence[float] = 1.0,
+        seed: int | None = None,
+    ) -> Iterator[list[int | None]]:
+        """Decode a batch step by step: each step yields one token id per row, ``None`` once that row has ended
+        (EOS is yielded, then ``None``). Sampling parameters may differ per row."""
         if len(profiles) != len(instructions):
             raise ValueError(f"{len(profiles)} profiles but {len(instructions)} instructions")
         if not instructions:
-            return []
+            return
         for profile in profiles:
             if profile is not None and profile.shape != self.shape:
                 raise ValueError(f"a profile of shape {profile.shape} does not fit this model's {self.shape}")
+        device = self.model.device
         dtype = self.model.lm.get_input_embeddings().weight.dtype
-        prefix, prefix_mask = stack_profiles(list(profiles), *self.shape, dtype=dtype, device=self.model.device)
+        prefix, prefix_mask = stack_profiles(list(profiles), *self.shape, dtype=dtype, device=device)
         ids, mask = self.collator.pad([self.collator.encode_prompt(x) for x in instructions])
-        generator = None if seed is None else torch.Generator(self.model.device).manual_seed(seed)
-        tokens = self.model.decode(
+        steps = self.model.decode_steps(
             prefix,
             prefix_mask,
-            ids.to(self.model.device),
-            mask.to(self.model.device),
+            ids.to(device),
+            mask.to(device),
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.collator.pad_id,
             max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            generator=generator,
+            temperature=torch.as_tensor(temperature, dtype=torch.float32),
+            top_p=torch.as_tensor(top_p, dtype=torch.float32),
+            generator=None if seed is None else torch.Generator(device).manual_seed(seed),
         )
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens.tolist()]
+        ended = [False] * len(instructions)
+        for step in steps:
+            tokens = step.tolist()
+            yield [None if e else t for e, t in zip(ended, tokens, strict=True)]
+            ended = [e or t == self.tokenizer.eos_token_id for e, t in zip(ended, tokens, strict=True)]
