@@ -3,6 +3,7 @@ as safetensors, plus a JSON file with the resolved config and the backbone it wa
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,17 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, malformed, or does not belong to the backbone it is loaded on."""
 
 
+def model_fingerprint(model: SoftPromptLM) -> str:
+    """A short hash of everything that determines a compression: the backbone's fingerprint, the config and every
+    trainable tensor. Stored vectors are tagged with it, so vectors of another model are never served."""
+    h = hashlib.sha256(model.backbone_fingerprint.encode())
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.trainable_state().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_checkpoint(model: SoftPromptLM, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s trainable weights and config to the folder ``path``; returns it."""
     path = Path(path)
@@ -35,6 +47,7 @@ def save_checkpoint(model: SoftPromptLM, path: str | Path, extra: dict[str, Any]
         "commer_version": __version__,
         "config": model.config.to_dict(),
         "backbone": {"name": model.backbone_name, "fingerprint": model.backbone_fingerprint},
+        "fingerprint": model_fingerprint(model),
         "trainable_parameters": sum(t.numel() for t in state.values()),
         **(extra or {}),
     }
