@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: no test may reach a hub
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from commer.backbone import Backbone, from_model
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 WORDS = (
     "the a i you we my your is was are to of and in on for with it this that run running morning marathon "

@@ -1,0 +1,84 @@
+"""Compression throughput against the backbone's plain forward pass on the same tokens, side by side in one run.
+
+    python bench/compress_throughput.py [--backbone smollm2-135m] [--batch-size 16] [--batches 8] [--k 16]
+
+Documents are real LaMP-7 profile tweets when ``--data-dir`` (default ../shared/data) has them. The plain forward is
+what a naive compressor would run: the full causal LM, LM head included, on the document tokens. ComMer's compressor
+reads K more positions but skips the LM head. Rounds alternate between the two to spread machine noise evenly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from commer.backbone import load_backbone
+from commer.config import ComMerConfig
+from commer.data.collate import Collator
+from commer.model import ComMer
+
+
+def tweets(data_dir: Path, n: int) -> list[str]:
+    path = data_dir / "lamp7" / "LaMP_7_questions.json"
+    if path.is_file():
+        texts = [p["text"] for q in json.loads(path.read_text()) for p in q["profile"]]
+        return texts[:n]
+    return [f"Document number {i}: an ordinary short text about running, coffee and the weather." for i in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="smollm2-135m")
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    backbone = load_backbone(args.backbone)
+    model = ComMer(backbone, ComMerConfig(num_embeddings=args.k)).eval()
+    collator = Collator(backbone.tokenizer, model.config, backbone.max_length)
+    docs = tweets(args.data_dir, args.batch_size * args.batches)
+    batches = [
+        collator.pad(collator.encode_documents(docs[i : i + args.batch_size]))
+        for i in range(0, len(docs), args.batch_size)
+    ]
+    n_tokens = sum(int(mask.sum()) for _, mask in batches)
+
+    def compress() -> None:
+        for ids, mask in batches:
+            model.compress(ids, mask)
+
+    def plain_forward() -> None:
+        with model.generator():
+            for ids, mask in batches:
+                model.lm(input_ids=ids, attention_mask=mask.long())
+
+    compress(), plain_forward()  # warm-up
+    times: dict[str, list[float]] = {"compress": [], "plain": []}
+    for _ in range(args.rounds):
+        for name, fn in (("compress", compress), ("plain", plain_forward)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+
+    print(f"backbone {args.backbone}, K={args.k}, batch {args.batch_size}, {len(docs)} documents, {n_tokens} tokens, ")
+    print(f"torch threads {torch.get_num_threads()}, median of {args.rounds} alternating rounds")
+    print(f"{'':22}{'docs/s':>10}{'tokens/s':>12}")
+    rate = {}
+    for name, label in (("compress", "ComMer compression"), ("plain", "plain forward (LM)")):
+        t = statistics.median(times[name])
+        rate[name] = len(docs) / t
+        print(f"{label:22}{rate[name]:10.1f}{n_tokens / t:12.0f}")
+    print(f"ratio compression / plain forward: {rate['compress'] / rate['plain']:.2f} (target >= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
