@@ -69,24 +69,19 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(
-    path: str | Path, backbone: Backbone | None = None, device: str | torch.device = "cpu"
-) -> SoftPromptLM:
-    """Rebuild the model saved at ``path`` on ``backbone`` (default: load the backbone the checkpoint names).
-
-    Raises ``CheckpointError`` when the backbone's weights differ from those the checkpoint was trained on.
-    """
-    meta = read_meta(path)
+def _check_backbone(meta: dict[str, Any], path: str | Path, name: str, fingerprint: str) -> None:
     expected = meta["backbone"]
-    if backbone is None:
-        backbone = load_backbone(expected["name"], device=device)
-    if backbone.fingerprint != expected["fingerprint"]:
+    if fingerprint != expected["fingerprint"]:
         raise CheckpointError(
             f"checkpoint {path} was trained on backbone {expected['name']!r} (fingerprint {expected['fingerprint']}), "
-            f"but the backbone given is {backbone.name!r} (fingerprint {backbone.fingerprint}): they are not the same "
-            "weights"
+            f"but the backbone given is {name!r} (fingerprint {fingerprint}): they are not the same weights"
         )
-    model = build_model(backbone, ComMerConfig.from_dict(meta["config"]))
+
+
+def load_trainable(model: SoftPromptLM, path: str | Path) -> dict[str, Any]:
+    """Copy a checkpoint's trainable tensors into ``model`` (same backbone, method, K, LoRA rank); returns its meta."""
+    meta = read_meta(path)
+    _check_backbone(meta, path, model.backbone_name, model.backbone_fingerprint)
     state = load_file(str(Path(path) / WEIGHTS), device=str(model.device))
     own = model.trainable_state()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -97,4 +92,20 @@ def load_checkpoint(
             if own[name].shape != tensor.shape:
                 raise CheckpointError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model {tuple(own[name].shape)}")
             own[name].copy_(tensor)
+    return meta
+
+
+def load_checkpoint(
+    path: str | Path, backbone: Backbone | None = None, device: str | torch.device = "cpu"
+) -> SoftPromptLM:
+    """Rebuild the model saved at ``path`` on ``backbone`` (default: load the backbone the checkpoint names).
+
+    Raises ``CheckpointError`` when the backbone's weights differ from those the checkpoint was trained on.
+    """
+    meta = read_meta(path)
+    if backbone is None:
+        backbone = load_backbone(meta["backbone"]["name"], device=device)
+    _check_backbone(meta, path, backbone.name, backbone.fingerprint)  # before the LoRA is injected into it
+    model = build_model(backbone, ComMerConfig.from_dict(meta["config"]))
+    load_trainable(model, path)
     return model

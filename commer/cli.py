@@ -69,5 +69,9 @@ def info(checkpoint: Path) -> None:
     typer.echo(json.dumps(read_meta(checkpoint), indent=2))
 
 
+from commer.data.cli import data_app  # noqa: E402  (sub-commands, registered after the app exists)
+
+app.add_typer(data_app, name="data", help="Datasets: statistics of what you train on.")
+
 if __name__ == "__main__":
     app()

@@ -26,7 +26,9 @@ def test_compress_and_generate(personalizer):
     alone = personalizer.compress(docs[:1])
     torch.testing.assert_close(alone[0], compressions[0], atol=1e-4, rtol=0)
     profile = personalizer.profile(docs)
-    answers = personalizer.generate([profile, None], ["Say hello.", "What is the capital of France?"], max_new_tokens=12)
+    answers = personalizer.generate(
+        [profile, None], ["Say hello.", "What is the capital of France?"], max_new_tokens=12
+    )
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     # with no documents the generator is the plain instruct model, which knows this
     assert "Paris" in answers[1]

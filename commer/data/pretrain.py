@@ -1,0 +1,106 @@
+"""The auto-encoding pretraining task: given a few short documents, reproduce the one a question points at.
+
+An example holds k documents (k uniform in ``[min_docs, max_docs]``), each cut to ``max_chars`` characters and written
+``Document i: <text>`` (i from 1); the instruction is ``What does document n contain?`` for a random n and the answer
+is document n's text without its prefix. Texts come from FineWeb (streamed) or from a task's training profiles (the
+paper's "tweets" pretraining).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import count, islice
+from pathlib import Path
+
+from commer.data.errors import DataError, iter_jsonl, resolve_data_dir
+from commer.data.example import Example
+
+FINEWEB_FILE = Path("fineweb") / "fineweb_sample.jsonl.gz"
+DOC_CHARS = 150
+MIN_DOCS, MAX_DOCS = 1, 8
+
+
+def autoencoding_example(user_id: str, texts: Sequence[str], rng: random.Random, max_chars: int = DOC_CHARS) -> Example:
+    """One example over ``texts`` (all of them, in order), asking about a document chosen by ``rng``."""
+    if not texts:
+        raise ValueError("an auto-encoding example needs at least one text")
+    cut = [t.strip()[:max_chars] for t in texts]
+    n = rng.randint(1, len(cut))
+    documents = [f"Document {i}: {text}" for i, text in enumerate(cut, start=1)]
+    return Example(user_id, documents, instruction=f"What does document {n} contain?", answer=cut[n - 1])
+
+
+def _check_range(min_docs: int, max_docs: int) -> None:
+    if not 1 <= min_docs <= max_docs:
+        raise ValueError(f"need 1 <= min_docs <= max_docs, got {min_docs}..{max_docs}")
+
+
+def iter_fineweb(path: Path) -> Iterator[str]:
+    """The non-blank texts of a FineWeb JSON-lines file (gzipped or not), streamed."""
+    for lineno, record in iter_jsonl(path, "FineWeb sample"):
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{lineno}: record has no text field")
+        if text.strip():
+            yield text
+
+
+def text_pretrain_examples(
+    texts: Iterable[str],
+    min_docs: int = MIN_DOCS,
+    max_docs: int = MAX_DOCS,
+    seed: int = 0,
+    max_chars: int = DOC_CHARS,
+    prefix: str = "pretrain",
+) -> Iterator[Example]:
+    """Examples from consecutive texts of a stream, k of them per example; user ids ``<prefix>-<k>``.
+
+    Lazy: the stream is read only as far as the examples taken. A final group shorter than drawn is still used.
+    """
+    _check_range(min_docs, max_docs)
+    rng = random.Random(seed)
+    it = iter(texts)
+    for k in count():
+        group = list(islice(it, rng.randint(min_docs, max_docs)))
+        if not group:
+            return
+        yield autoencoding_example(f"{prefix}-{k}", group, rng, max_chars)
+
+
+def fineweb_pretrain(
+    data_dir: str | Path | None = None,
+    min_docs: int = MIN_DOCS,
+    max_docs: int = MAX_DOCS,
+    seed: int = 0,
+    limit: int | None = None,
+) -> Iterator[Example]:
+    """Auto-encoding examples streamed from ``<data_dir>/fineweb/fineweb_sample.jsonl.gz``, at most ``limit``."""
+    path = resolve_data_dir(data_dir) / FINEWEB_FILE
+    examples = text_pretrain_examples(iter_fineweb(path), min_docs, max_docs, seed, prefix="fineweb")
+    return islice(examples, limit)
+
+
+def profile_pretrain_examples(
+    profiles: Iterable[Example] | Iterable[Sequence[str]],
+    min_docs: int = MIN_DOCS,
+    max_docs: int = MAX_DOCS,
+    seed: int = 0,
+    max_chars: int = DOC_CHARS,
+) -> Iterator[Example]:
+    """One auto-encoding example per profile, over a random subset of that user's own texts.
+
+    ``profiles`` are Examples (their documents are the texts; pass training users only, so test users' texts never
+    reach pretraining) or plain lists of texts (user ids ``profile-<k>``). Empty profiles are passed over.
+    """
+    _check_range(min_docs, max_docs)
+    rng = random.Random(seed)
+    for k, profile in enumerate(profiles):
+        if isinstance(profile, Example):
+            user_id, texts = profile.user_id, profile.documents
+        else:
+            user_id, texts = f"profile-{k}", list(profile)
+        if not texts:
+            continue
+        size = rng.randint(min(min_docs, len(texts)), min(max_docs, len(texts)))
+        yield autoencoding_example(user_id, rng.sample(texts, size), rng, max_chars)

@@ -1,0 +1,339 @@
+"""One training loop for ComMer and the prompt-tuning baseline, with the paper's recipe as defaults.
+
+AdamW (weight decay 0.001) with two learning rates (compression embeddings 1e-2, LoRA 1e-4; soft prompt 3e-2),
+gradient clipping at 0.3, cosine schedule with 3% warm-up, gradient accumulation, early stopping on validation
+perplexity, bf16 autocast on a GPU. Only trainable weights are checkpointed: ``best/`` (lowest validation perplexity)
+and ``last/`` (plus optimizer, schedule, RNG and data position, so a killed run resumes to the same result).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from commer.backbone import Backbone, load_backbone
+from commer.checkpoint import load_trainable, save_checkpoint
+from commer.config import ComMerConfig
+from commer.data.collate import Collator
+from commer.data.example import Example
+from commer.model import SoftPromptLM, build_model
+
+
+@dataclass
+class DataConfig:
+    """Which examples to train on (see ``commer.data.tasks``)."""
+
+    task: str = "lamp7"  # lamp7 | news | perltqa | pretrain-fineweb | pretrain-profiles
+    data_dir: str | None = None  # default: ../shared/data when it exists, else $COMMER_DATA
+    n_docs: int = 4  # documents per example (top-n by BM25 for LaMP)
+    max_train_examples: int | None = None
+    max_val_examples: int = 1024
+    max_test_examples: int | None = None
+    split_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    lr_compression: float = 1e-2
+    lr_lora: float = 1e-4
+    lr_soft_prompt: float = 3e-2
+    weight_decay: float = 0.001
+    max_grad_norm: float = 0.3
+    warmup_ratio: float = 0.03
+    batch_size: int = 16  # examples per optimizer step
+    micro_batch_size: int = 4  # examples per forward pass; batch_size / micro_batch_size accumulation steps
+    epochs: int = 20
+    max_steps: int | None = None  # overrides epochs when set
+    eval_every: int = 100  # optimizer steps between validations (and checkpoints)
+    patience: int = 3  # validations without improvement before stopping; 0 disables early stopping
+    log_every: int = 10
+    seed: int = 0
+    bf16: bool = True  # autocast to bfloat16 when on a GPU
+    init_from: str | None = None  # a pretraining checkpoint to start from
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; written as ``config.yaml`` next to its checkpoints and results."""
+
+    output_dir: str = "runs/default"
+    backbone: str = "smollm2-135m"
+    device: str = "auto"
+    model: ComMerConfig = field(default_factory=ComMerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- configs: YAML + dotted overrides ------------------------------------------------------------------------------
+def _build(cls, values: dict[str, Any], where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name) if name in ("model", "data", "train") else None
+        kwargs[name] = _build(type(default), value or {}, f"{where}{name}.") if is_dataclass(default) else value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply ``key.sub=value`` overrides (values parsed as YAML: 16, 1e-4, true, null)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        node = values
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return _build(RunConfig, values, "")
+
+
+# -- the loop ----------------------------------------------------------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def param_groups(model: SoftPromptLM, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """One AdamW group per learning rate: the paper found one shared rate worse."""
+    groups: dict[str, list[torch.nn.Parameter]] = {"compression": [], "lora": [], "soft_prompt": []}
+    for name, p in model.trainable_state().items():
+        if name == "compression_embeddings":
+            groups["compression"].append(p)
+        elif name == "soft_prompt":
+            groups["soft_prompt"].append(p)
+        elif "lora_" in name:
+            groups["lora"].append(p)
+        else:
+            raise ValueError(f"no learning rate is defined for trainable parameter {name!r}")
+    lrs = {"compression": cfg.lr_compression, "lora": cfg.lr_lora, "soft_prompt": cfg.lr_soft_prompt}
+    return [
+        {"name": name, "params": params, "lr": lrs[name], "weight_decay": cfg.weight_decay}
+        for name, params in groups.items()
+        if params
+    ]
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model: SoftPromptLM, collator: Collator, examples: Sequence[Example], batch_size: int, desc: str = "validation"
+) -> float:
+    """Token-weighted perplexity of the gold answers of ``examples``."""
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=len(examples) <= batch_size):
+        batch = collator(examples[start : start + batch_size]).to(model.device)
+        with _autocast(model.device, True):
+            nll, n = model.nll(batch)
+        total_nll += float(nll.sum())
+        total_tokens += int(n.sum())
+    model.train(was_training)
+    return math.exp(total_nll / max(total_tokens, 1))
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of an epoch depends only on (seed, epoch): a resumed run replays it exactly."""
+    order = list(range(n))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+class Trainer:
+    """Trains ``model`` on examples; ``fit`` resumes from ``output_dir/last`` when it exists."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        model: SoftPromptLM,
+        tokenizer,
+        train_examples: Sequence[Example],
+        val_examples: Sequence[Example],
+    ) -> None:
+        if not train_examples:
+            raise ValueError("no training examples: check the data config (task, data_dir, n_docs)")
+        self.config, self.cfg = config, config.train
+        self.model = model
+        self.collator = Collator(tokenizer, model.config, model.max_length)
+        self.train_examples, self.val_examples = list(train_examples), list(val_examples)
+        self.out = Path(config.output_dir)
+        self.steps_per_epoch = math.ceil(len(self.train_examples) / self.cfg.batch_size)
+        self.total_steps = self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
+        self.optimizer = torch.optim.AdamW(param_groups(model, self.cfg))
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, math.ceil(self.cfg.warmup_ratio * self.total_steps), self.total_steps
+        )
+        self.step = 0
+        self.best_ppl = math.inf
+        self.bad_evals = 0
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    def _save_last(self) -> None:
+        last = self.out / "last"
+        save_checkpoint(self.model, last, extra={"step": self.step})
+        torch.save(
+            {
+                "step": self.step,
+                "best_ppl": self.best_ppl,
+                "bad_evals": self.bad_evals,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            last / "trainer_state.pt.tmp",
+        )
+        # rename last: a kill while saving leaves the previous complete state in place
+        (last / "trainer_state.pt.tmp").replace(last / "trainer_state.pt")
+
+    def _resume(self) -> bool:
+        state_file = self.out / "last" / "trainer_state.pt"
+        if not state_file.is_file():
+            return False
+        load_trainable(self.model, self.out / "last")
+        state = torch.load(state_file, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.best_ppl, self.bad_evals = state["step"], state["best_ppl"], state["bad_evals"]
+        return True
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with (self.out / "log.jsonl").open("a") as f:
+            f.write(json.dumps({"step": self.step, "time": round(time.time(), 3), **record}) + "\n")
+
+    # -- loop -------------------------------------------------------------------------------------------------------
+    def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Train until ``total_steps`` or early stopping; returns a summary. ``stop_at_step`` simulates a kill right
+        after the checkpoint of that step (for tests of resumption)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        resumed = self._resume()
+        if resumed:
+            self._log({"event": "resumed"})
+        cfg, device = self.cfg, self.model.device
+        self.model.train()
+        stopped_early = False
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        window_tokens, window_start, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
+        while self.step < self.total_steps and not stopped_early:
+            epoch, offset = divmod(self.step, self.steps_per_epoch)
+            order = _epoch_order(len(self.train_examples), cfg.seed, epoch)
+            start = offset * cfg.batch_size
+            indices = order[start : start + cfg.batch_size]
+            micro = [indices[i : i + cfg.micro_batch_size] for i in range(0, len(indices), cfg.micro_batch_size)]
+            total_answer_tokens = 0
+            batches = []
+            for idx in micro:
+                batch = self.collator([self.train_examples[i] for i in idx]).to(device)
+                total_answer_tokens += int((batch.labels != -100).sum())
+                batches.append(batch)
+            step_loss = 0.0
+            for batch in batches:
+                with _autocast(device, cfg.bf16):
+                    nll, _ = self.model.nll(batch)
+                # normalise by the whole step's answer tokens: accumulation then equals one big batch
+                loss = nll.sum() / max(total_answer_tokens, 1)
+                loss.backward()
+                step_loss += float(loss.detach())
+                window_tokens += int(batch.input_mask.sum() + batch.doc_mask.sum())
+            torch.nn.utils.clip_grad_norm_(self.model.trainable_state().values(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            window_loss += step_loss
+            window_n += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "loss": window_loss / window_n,
+                    "ppl": math.exp(min(window_loss / window_n, 50)),
+                    "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
+                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                }
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    ppl=f"{record['ppl']:.2f}",
+                    lr=f"{self.optimizer.param_groups[0]['lr']:.1e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                )
+                self._log(record)
+                window_tokens, window_start, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
+            if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
+                stopped_early = self._validate()
+                self._save_last()
+                if stop_at_step is not None and self.step >= stop_at_step:
+                    bar.close()
+                    return {"killed_at": self.step}
+        bar.close()
+        summary = {
+            "steps": self.step,
+            "best_val_ppl": self.best_ppl,
+            "stopped_early": stopped_early,
+            "best_checkpoint": str(self.out / "best"),
+        }
+        self._log({"event": "done", **summary})
+        return summary
+
+    def _validate(self) -> bool:
+        """Validate, keep the best checkpoint; True when early stopping says stop."""
+        if not self.val_examples:
+            save_checkpoint(self.model, self.out / "best", extra={"step": self.step})
+            return False
+        ppl = evaluate_perplexity(self.model, self.collator, self.val_examples, self.cfg.micro_batch_size)
+        improved = ppl < self.best_ppl
+        if improved:
+            self.best_ppl, self.bad_evals = ppl, 0
+            save_checkpoint(self.model, self.out / "best", extra={"step": self.step, "val_ppl": ppl})
+        else:
+            self.bad_evals += 1
+        self._log({"event": "eval", "val_ppl": ppl, "best_val_ppl": self.best_ppl})
+        tqdm.write(f"step {self.step}: validation perplexity {ppl:.3f} (best {self.best_ppl:.3f})")
+        return self.cfg.patience > 0 and self.bad_evals >= self.cfg.patience
+
+
+def build(config: RunConfig, backbone: Backbone | None = None) -> tuple[SoftPromptLM, Backbone]:
+    """The model a run config describes, on its backbone, initialised from ``train.init_from`` when set."""
+    device = resolve_device(config.device)
+    backbone = backbone or load_backbone(config.backbone, device=device)
+    model = build_model(backbone, config.model)
+    if config.train.init_from:
+        load_trainable(model, config.train.init_from)
+    return model, backbone

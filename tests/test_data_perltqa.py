@@ -1,0 +1,92 @@
+import json
+
+import pytest
+
+from commer.data.errors import DataError
+from commer.data.perltqa import MEMORY_FILE, QA_FILE, iter_qa, load_perltqa, persona_memories, referenced_ids
+from commer.data.splits import split_users
+
+pytest_plugins = ["data_fixtures"]
+
+
+@pytest.fixture(scope="module")
+def raw(data_dir):
+    memories = json.loads((data_dir / MEMORY_FILE).read_text())
+    qa = list(iter_qa(json.loads((data_dir / QA_FILE).read_text()), data_dir / QA_FILE))
+    return {p: persona_memories(p, r) for p, r in memories.items()}, qa
+
+
+@pytest.fixture(scope="module")
+def perltqa(data_dir):
+    return load_perltqa(data_dir, n_docs=4)
+
+
+def resolved_pairs(raw):
+    memories, qa = raw
+    for persona, pair in qa:
+        refs = referenced_ids(pair["Reference Memory"])
+        if refs and all(r in memories[persona] for r in refs):
+            yield persona, pair, [memories[persona][r] for r in refs]
+
+
+def test_counts_match_the_files(perltqa, raw):
+    assert len(raw[1]) == 1651
+    assert len(perltqa.examples) == 1644
+    assert perltqa.skipped == {"unresolved_reference": 7}
+    assert len(perltqa.profile_sizes) == 7
+    assert perltqa.profile_sizes["Chen Zhi"] == 25
+
+
+def test_every_example_holds_its_referenced_memory(perltqa, raw):
+    pairs = list(resolved_pairs(raw))
+    assert len(pairs) == len(perltqa.examples)
+    for example, (persona, pair, referenced) in zip(perltqa.examples, pairs, strict=True):
+        assert example.user_id == persona
+        assert (example.instruction, example.answer) == (pair["Question"], pair["Answer"])
+        assert len(example.documents) == 4
+        assert len(set(example.documents)) == 4
+        assert all(doc in example.documents for doc in referenced)
+        assert set(example.documents) <= set(raw[0][persona].values())
+
+
+def test_reference_is_not_always_first(perltqa, raw):
+    positions = {
+        ex.documents.index(refs[0]) for ex, (_, _, refs) in zip(perltqa.examples, resolved_pairs(raw), strict=True)
+    }
+    assert positions == {0, 1, 2, 3}
+
+
+def test_subsets_are_seeded(data_dir, perltqa):
+    assert load_perltqa(data_dir, n_docs=4).examples == perltqa.examples
+    assert load_perltqa(data_dir, n_docs=4, seed=1).examples != perltqa.examples
+
+
+def test_sizes_one_and_more_than_a_persona_has(data_dir, raw):
+    one = load_perltqa(data_dir, n_docs=1)
+    for example, (_, _, refs) in zip(one.examples, resolved_pairs(raw), strict=True):
+        assert example.documents == refs
+    everything = load_perltqa(data_dir, n_docs=1000)
+    chen = [e for e in everything.examples if e.user_id == "Chen Zhi"]
+    assert chen and all(len(e.documents) == 25 for e in chen)
+    with pytest.raises(ValueError, match="at least 1"):
+        load_perltqa(data_dir, n_docs=0)
+
+
+def test_reference_forms():
+    assert referenced_ids("Gender") == ["Gender"]
+    assert referenced_ids("['4_0_0#3']") == ["4_0_0#3"]
+    assert referenced_ids("['4_0") is None
+    assert referenced_ids(None) is None
+
+
+def test_personas_split_disjointly(perltqa):
+    info = split_users(e.user_id for e in perltqa.examples)
+    parts = info.apply(perltqa.examples)
+    personas = {name: {e.user_id for e in part} for name, part in parts.items()}
+    assert [len(personas[s]) for s in ("train", "validation", "test")] == [5, 1, 1]
+    assert not personas["train"] & (personas["validation"] | personas["test"])
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(DataError, match="perltmem_subset.json"):
+        load_perltqa(tmp_path)

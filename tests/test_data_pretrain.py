@@ -1,0 +1,71 @@
+import gzip
+import re
+from itertools import islice
+
+import pytest
+
+from commer.data.errors import DataError
+from commer.data.example import Example
+from commer.data.pretrain import FINEWEB_FILE, fineweb_pretrain, iter_fineweb, profile_pretrain_examples
+
+pytest_plugins = ["data_fixtures"]
+
+QUESTION = re.compile(r"What does document (\d+) contain\?")
+
+
+def check_autoencoding(example, max_docs=8):
+    n = int(QUESTION.fullmatch(example.instruction).group(1))
+    assert 1 <= len(example.documents) <= max_docs
+    assert 1 <= n <= len(example.documents)
+    for i, doc in enumerate(example.documents, start=1):
+        assert doc.startswith(f"Document {i}: ")
+        assert len(doc.removeprefix(f"Document {i}: ")) <= 150
+    assert example.answer == example.documents[n - 1].removeprefix(f"Document {n}: ")
+
+
+def test_answer_is_document_n(data_dir):
+    examples = list(fineweb_pretrain(data_dir, limit=300))
+    assert len(examples) == 300
+    for example in examples:
+        check_autoencoding(example)
+    assert {len(e.documents) for e in examples} == set(range(1, 9))
+    assert len({e.instruction for e in examples}) == 8
+
+
+def test_fineweb_is_streamed_and_complete(data_dir):
+    stream = fineweb_pretrain(data_dir, limit=None)
+    assert not isinstance(stream, list)
+    assert next(stream).user_id == "fineweb-0"
+    assert sum(1 for _ in iter_fineweb(data_dir / FINEWEB_FILE)) == 6500
+
+
+def test_seeded(data_dir):
+    a = list(fineweb_pretrain(data_dir, seed=5, limit=20))
+    assert a == list(fineweb_pretrain(data_dir, seed=5, limit=20))
+    assert a != list(fineweb_pretrain(data_dir, seed=6, limit=20))
+
+
+def test_profile_pretraining_from_examples_and_text_lists():
+    tweets = [f"tweet number {k} " + "x" * 200 for k in range(20)]
+    from_examples = list(profile_pretrain_examples([Example("u1", tweets), Example("u2", [])], max_docs=4, seed=1))
+    assert [e.user_id for e in from_examples] == ["u1"]
+    check_autoencoding(from_examples[0], max_docs=4)
+    from_lists = list(islice(profile_pretrain_examples([tweets[:3], tweets[3:]], seed=1), 5))
+    assert [e.user_id for e in from_lists] == ["profile-0", "profile-1"]
+    for example in from_lists:
+        check_autoencoding(example)
+        assert all(any(t.startswith(d.split(": ", 1)[1]) for t in tweets) for d in example.documents)
+    with pytest.raises(ValueError):
+        list(profile_pretrain_examples([tweets], min_docs=3, max_docs=2))
+
+
+def test_malformed_line_is_named(tmp_path):
+    path = tmp_path / FINEWEB_FILE
+    path.parent.mkdir()
+    with gzip.open(path, "wt") as f:
+        f.write('{"id": "1", "url": "u", "text": "fine"}\n{"id": 2, oops}\n')
+    with pytest.raises(DataError, match=r"fineweb_sample\.jsonl\.gz:2:\d+: malformed JSON"):
+        list(fineweb_pretrain(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"missing FineWeb sample: expected the file .*empty/fineweb"):
+        list(fineweb_pretrain(tmp_path / "empty"))

@@ -1,0 +1,96 @@
+"""The training loop on the tiny Llama: it learns, uses two learning rates, resumes exactly, stops early."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import WORDS, tiny_backbone
+
+from commer.checkpoint import load_checkpoint
+from commer.config import ComMerConfig
+from commer.data.example import Example
+from commer.model import build_model
+from commer.train import RunConfig, TrainConfig, Trainer, load_config, param_groups
+
+
+def _examples(n: int, seed: int = 0) -> list[Example]:
+    """Each user's answer is a word from their documents: learnable only by reading the soft prompt."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = rng.sample(WORDS, 3)
+        out.append(Example(f"u{i}", [f"my {w} today" for w in words], "what do i like ?", words[0]))
+    return out
+
+
+def _run(tmp_path, method="commer", **train) -> tuple[Trainer, RunConfig]:
+    config = RunConfig(
+        output_dir=str(tmp_path),
+        model=ComMerConfig(method=method, num_embeddings=2, lora_r=4, lora_dropout=0.1),
+        train=TrainConfig(**{"batch_size": 4, "micro_batch_size": 2, "eval_every": 3, "log_every": 1, **train}),
+    )
+    backbone = tiny_backbone()
+    model = build_model(backbone, config.model)
+    return Trainer(config, model, backbone.tokenizer, _examples(16), _examples(4, seed=1)), config
+
+
+def test_a_few_steps_lower_the_training_loss(tmp_path):
+    trainer, _ = _run(tmp_path, max_steps=12, lr_lora=1e-3)
+    summary = trainer.fit()
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert summary["steps"] == 12 and len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert all({"ppl", "lr", "tokens_per_s"} <= r.keys() for r in log if "loss" in r)
+    assert (tmp_path / "best" / "commer.json").is_file() and (tmp_path / "config.yaml").is_file()
+    load_checkpoint(tmp_path / "best", tiny_backbone())  # the best checkpoint loads on a fresh backbone
+
+
+def test_two_learning_rates_reach_the_right_parameters(tmp_path):
+    trainer, _ = _run(tmp_path, max_steps=1, lr_compression=0.5, lr_lora=0.25, warmup_ratio=0.0)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert groups["compression"]["params"] == [trainer.model.compression_embeddings]
+    assert groups["compression"]["lr"] == 0.5 and groups["lora"]["lr"] == 0.25
+    lora = {id(p) for n, p in trainer.model.trainable_state().items() if "lora_" in n}
+    assert {id(p) for p in groups["lora"]["params"]} == lora and len(lora) > 0
+    pt = build_model(tiny_backbone(), ComMerConfig(method="prompt_tuning", num_embeddings=2))
+    (only,) = param_groups(pt, TrainConfig(lr_soft_prompt=0.125))
+    assert only["name"] == "soft_prompt" and only["lr"] == 0.125 and only["weight_decay"] == 0.001
+
+
+@pytest.mark.parametrize("method", ["commer", "prompt_tuning"])
+def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, method):
+    torch.manual_seed(0)
+    straight, _ = _run(tmp_path / "straight", method, max_steps=9)
+    straight.fit()
+    torch.manual_seed(0)
+    killed, _ = _run(tmp_path / "killed", method, max_steps=9)
+    assert killed.fit(stop_at_step=6) == {"killed_at": 6}
+    torch.manual_seed(123)  # a new process: whatever RNG state it starts with must not matter
+    resumed, _ = _run(tmp_path / "killed", method, max_steps=9)
+    resumed.fit()
+    assert resumed.step == 9
+    for name, p in straight.model.trainable_state().items():
+        torch.testing.assert_close(resumed.model.trainable_state()[name], p, atol=1e-6, rtol=0)
+
+
+def test_early_stopping_when_validation_stops_improving(tmp_path):
+    # all learning rates zero: validation perplexity can never improve after the first evaluation
+    trainer, _ = _run(tmp_path, max_steps=60, lr_compression=0.0, lr_lora=0.0, patience=2)
+    summary = trainer.fit()
+    assert summary["stopped_early"] and summary["steps"] == 9  # evals at 3 (best), 6 and 9 (no improvement)
+
+
+def test_config_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  num_embeddings: 8\ntrain:\n  lr_lora: 1.0e-4\ndata:\n  task: lamp7\n")
+    config = load_config(path, ["model.num_embeddings=16", "train.max_steps=5", "data.n_docs=2"])
+    assert config.model.num_embeddings == 16 and config.train.max_steps == 5 and config.data.n_docs == 2
+    assert config.train.lr_lora == 1e-4
+    with pytest.raises(ValueError, match="unknown config key.*model.num_embedings"):
+        load_config(path, ["model.num_embedings=4"])
+    with pytest.raises(ValueError, match="num_embeddings"):
+        load_config(path, ["model.num_embeddings=0"])
