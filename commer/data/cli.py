@@ -10,7 +10,8 @@ import typer
 
 from commer.backbone import load_tokenizer
 from commer.data.errors import DataError
-from commer.data.stats import DEFAULT_N_DOCS, compute_stats, format_stats, load_task
+from commer.data.stats import compute_stats, format_stats
+from commer.data.tasks import DEFAULT_N_DOCS, load_task
 
 data_app = typer.Typer(help="Inspect the datasets (LaMP-7, news headlines, PerLTQA, FineWeb pretraining).")
 

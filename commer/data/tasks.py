@@ -1,0 +1,52 @@
+"""Every task by name: the examples it loads and their user-disjoint splits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from commer.data.example import Example
+from commer.data.lamp import load_lamp7
+from commer.data.news import load_news
+from commer.data.perltqa import load_perltqa
+from commer.data.pretrain import fineweb_pretrain
+from commer.data.splits import DEFAULT_FRACTIONS, MAX_EXAMPLE_CHARS, Loaded, SplitInfo, filter_by_length, split_users
+
+TASKS = ("lamp7", "news", "perltqa", "pretrain")
+# n = the paper's largest for tweets, the middle of the sweeps elsewhere; for pretrain it is the most documents.
+DEFAULT_N_DOCS = {"lamp7": 8, "news": 4, "perltqa": 4, "pretrain": 8}
+
+
+def _load_pretrain(data_dir: str | Path | None, n_docs: int, seed: int) -> Loaded:
+    examples = list(fineweb_pretrain(data_dir, max_docs=n_docs, seed=seed))
+    return Loaded(examples, profile_sizes={e.user_id: len(e.documents) for e in examples})
+
+
+LOADERS: dict[str, Callable[[str | Path | None, int, int], Loaded]] = {
+    "lamp7": lambda data_dir, n, seed: load_lamp7(data_dir, n),
+    "news": lambda data_dir, n, seed: load_news(data_dir, n),
+    "perltqa": load_perltqa,
+    "pretrain": _load_pretrain,
+}
+
+
+def load_task(task: str, data_dir: str | Path | None = None, n_docs: int | None = None, seed: int = 0) -> Loaded:
+    """All examples of ``task`` (one of ``TASKS``) with ``n_docs`` documents (task default if None)."""
+    if task not in LOADERS:
+        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    return LOADERS[task](data_dir, DEFAULT_N_DOCS[task] if n_docs is None else n_docs, seed)
+
+
+def load_splits(
+    task: str,
+    data_dir: str | Path | None = None,
+    n_docs: int | None = None,
+    seed: int = 0,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    max_chars: int = MAX_EXAMPLE_CHARS,
+) -> tuple[dict[str, list[Example]], SplitInfo]:
+    """``task``'s examples after the length filter, split by user into train/validation/test."""
+    loaded = load_task(task, data_dir, n_docs, seed)
+    kept, _ = filter_by_length(loaded.examples, max_chars)
+    split = split_users((e.user_id for e in loaded.examples), fractions, seed)
+    return split.apply(kept), split

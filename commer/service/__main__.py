@@ -1,0 +1,3 @@
+from commer.service.cli import main
+
+main()

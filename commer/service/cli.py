@@ -1,0 +1,241 @@
+"""Command line of the store and the service: ``serve``, ``generate``, and ``profile add|show|remove|rebuild``.
+
+``commer.cli`` mounts them with ``register(app)``; ``python -m commer.service`` runs them on their own.
+Everything but ``serve`` works on the database directly, without a server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    from commer.pipeline import Personalizer
+    from commer.store import ProfileStore
+
+DEFAULT_DB = Path("commer.db")
+
+profile_app = typer.Typer(
+    help="Manage stored user profiles (directly on the database, no server).", no_args_is_help=True
+)
+
+_CHECKPOINT = typer.Option(None, help="Trained checkpoint folder (default: an untrained ComMer, with a warning).")
+_BACKBONE = typer.Option("smollm2-135m", help="Backbone: 'smollm2-135m', a model folder or a hub id.")
+_K = typer.Option(16, "--k", help="K, compression embeddings per document (untrained model only).")
+_DB = typer.Option(DEFAULT_DB, help="SQLite database of the profiles.")
+_TENANT = typer.Option("default", help="Tenant the user belongs to.")
+
+
+def load_personalizer(checkpoint: Path | None, backbone: str, num_embeddings: int = 16) -> Personalizer:
+    """The served model: a checkpoint on ``backbone``, or an untrained ComMer (seeded, so that its fingerprint, and
+    therefore the stored vectors, stay valid across restarts)."""
+    import torch
+
+    from commer.backbone import load_backbone
+    from commer.config import ComMerConfig
+    from commer.pipeline import Personalizer
+
+    bb = load_backbone(backbone)
+    if checkpoint is not None:
+        return Personalizer.from_checkpoint(checkpoint, bb)
+    typer.secho(
+        "warning: no --checkpoint: serving an UNTRAINED compressor; answers show the mechanics, not quality",
+        fg=typer.colors.YELLOW,
+        err=True,
+    )
+    torch.manual_seed(0)  # LoRA's A matrices are random at init and part of the fingerprint
+    return Personalizer.new(bb, ComMerConfig(num_embeddings=num_embeddings))
+
+
+def open_store(db: Path, personalizer: Personalizer) -> ProfileStore:
+    """The database, serving ``personalizer``'s model."""
+    from commer.checkpoint import model_fingerprint
+    from commer.store import ProfileStore
+
+    return ProfileStore(db, model_fingerprint(personalizer.model), personalizer.shape)
+
+
+def read_api_keys(path: Path | None) -> dict[str, str]:
+    """API key -> tenant, from ``path`` (a JSON object) or else the ``COMMER_API_KEYS`` environment variable."""
+    if path is not None:
+        source, text = str(path), path.read_text()
+    elif "COMMER_API_KEYS" in os.environ:
+        source, text = "$COMMER_API_KEYS", os.environ["COMMER_API_KEYS"]
+    else:
+        raise typer.BadParameter("no API keys: pass --api-keys FILE or set COMMER_API_KEYS to a JSON object")
+    try:
+        keys = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise typer.BadParameter(f"{source} is not valid JSON: {err}") from err
+    if not isinstance(keys, dict) or not keys or not all(isinstance(k, str) and k for k in keys):
+        raise typer.BadParameter(f'{source} must be a non-empty JSON object {{"API key": "tenant", ...}}')
+    if not all(isinstance(t, str) and t for t in keys.values()):
+        raise typer.BadParameter(f"{source}: every tenant must be a non-empty string")
+    return keys
+
+
+def serve(
+    checkpoint: Path | None = _CHECKPOINT,
+    backbone: str = _BACKBONE,
+    num_embeddings: int = _K,
+    db: Path = _DB,
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_keys: Path | None = typer.Option(None, help='JSON file {"API key": "tenant"} (default: $COMMER_API_KEYS).'),
+    max_batch_size: int = typer.Option(16, min=1, help="Most generations decoded together."),
+    batch_wait_ms: float = typer.Option(5.0, min=0.0, help="How long a generation waits for others to batch with."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Largest max_new_tokens a request may ask for."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Serve the HTTP API (profiles, batched personalized generation, /metrics)."""
+    import uvicorn
+
+    from commer.service.app import ServiceLimits, create_app
+
+    keys = read_api_keys(api_keys)
+    personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
+    store = open_store(db, personalizer)
+    limits = ServiceLimits(max_new_tokens=max_new_tokens, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+    app = create_app(personalizer, store, keys, limits)
+    typer.echo(f"serving model {store.fingerprint} from {db} for {len(set(keys.values()))} tenant(s)", err=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        store.close()
+
+
+def generate(
+    user: str = typer.Argument(..., help="The user whose profile personalizes the answer."),
+    instruction: str = typer.Argument(..., help="What to answer."),
+    tenant: str = _TENANT,
+    checkpoint: Path | None = _CHECKPOINT,
+    backbone: str = _BACKBONE,
+    num_embeddings: int = _K,
+    db: Path = _DB,
+    max_new_tokens: int = typer.Option(64, min=1),
+    temperature: float = typer.Option(0.0, min=0.0),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    seed: int | None = typer.Option(None),
+) -> None:
+    """Answer an instruction from a stored profile, without a server."""
+    personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
+    with open_store(db, personalizer) as store:
+        profile = _or_exit(store.get_profile, tenant, user)
+    [answer] = personalizer.generate([profile], [instruction], max_new_tokens, temperature, top_p, seed)
+    typer.echo(answer)
+
+
+@profile_app.command("add")
+def profile_add(
+    user: str = typer.Argument(...),
+    files: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Text files, one document each."),
+    lines: bool = typer.Option(False, help="Each non-blank line of a file is a document."),
+    tenant: str = _TENANT,
+    checkpoint: Path | None = _CHECKPOINT,
+    backbone: str = _BACKBONE,
+    num_embeddings: int = _K,
+    db: Path = _DB,
+) -> None:
+    """Compress documents and add them to a user's profile (already stored documents are skipped)."""
+    from commer.store import add_texts
+
+    texts = []
+    for file in files:
+        text = file.read_text(encoding="utf-8")
+        texts.extend([x for x in text.splitlines() if x.strip()] if lines else [text])
+    personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
+    with open_store(db, personalizer) as store:
+        ids = _or_exit(add_texts, store, personalizer, tenant, user, texts)
+        count = store.user_info(tenant, user).count
+    for doc_id in ids:
+        typer.echo(doc_id)
+    typer.echo(f"user {user!r}: {count} documents", err=True)
+
+
+@profile_app.command("show")
+def profile_show(
+    user: str = typer.Argument(...),
+    tenant: str = _TENANT,
+    checkpoint: Path | None = _CHECKPOINT,
+    backbone: str = _BACKBONE,
+    num_embeddings: int = _K,
+    db: Path = _DB,
+) -> None:
+    """Print a user's profile: count, model fingerprint and documents (JSON)."""
+    personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
+    with open_store(db, personalizer) as store:
+        info = _or_exit(store.user_info, tenant, user)
+        docs = store.list_documents(tenant, user)
+    out = {
+        "tenant": tenant,
+        "user": user,
+        "count": info.count,
+        "fingerprint": info.fingerprint,
+        "stale": info.stale,
+        "documents": [{"id": x.id, "chars": x.chars, "added_at": x.added_at} for x in docs],
+    }
+    typer.echo(json.dumps(out, indent=2))
+
+
+@profile_app.command("remove")
+def profile_remove(
+    user: str = typer.Argument(...),
+    doc: str = typer.Argument(..., help="Document id (as `profile show` lists it)."),
+    tenant: str = _TENANT,
+    checkpoint: Path | None = _CHECKPOINT,
+    backbone: str = _BACKBONE,
+    num_embeddings: int = _K,
+    db: Path = _DB,
+) -> None:
+    """Remove one document from a user's profile."""
+    personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
+    with open_store(db, personalizer) as store:
+        count = _or_exit(store.remove_document, tenant, user, doc)
+    typer.echo(f"removed {doc}; user {user!r} has {count} documents")
+
+
+@profile_app.command("rebuild")
+def profile_rebuild(
+    checkpoint: Path | None = _CHECKPOINT,
+    backbone: str = _BACKBONE,
+    num_embeddings: int = _K,
+    db: Path = _DB,
+) -> None:
+    """Re-compress the stored documents of every profile computed by another model than this one."""
+    personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
+    with open_store(db, personalizer) as store:
+        report = store.rebuild(personalizer)
+    typer.echo(f"rebuilt {report.users} profiles ({report.documents} documents) for model {store.fingerprint}")
+    for tenant, user, doc_id, reason in report.failed:
+        typer.secho(f"not rebuilt: tenant {tenant!r} user {user!r} document {doc_id}: {reason}", err=True, fg="red")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+def _or_exit(fn, *args):  # noqa: ANN001, ANN202 - a thin wrapper
+    """Run a store operation; a known error becomes a one-line message and exit status 1, not a traceback."""
+    from commer.store import StoreError
+
+    try:
+        return fn(*args)
+    except (StoreError, ValueError) as err:
+        typer.secho(f"error: {err}", err=True, fg="red")
+        raise typer.Exit(1) from err
+
+
+def register(app: typer.Typer) -> None:
+    """Mount ``serve``, ``generate`` and ``profile ...`` on the main ``commer`` command line."""
+    app.command()(serve)
+    app.command()(generate)
+    app.add_typer(profile_app, name="profile")
+
+
+def main() -> None:
+    """``python -m commer.service``: these commands without the rest of ``commer``."""
+    app = typer.Typer(help="commer store and service", no_args_is_help=True)
+    register(app)
+    app()
