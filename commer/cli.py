@@ -116,5 +116,24 @@ from commer.service.cli import register  # noqa: E402
 app.add_typer(data_app, name="data", help="Datasets: statistics of what you train on.")
 register(app)
 
+
+
+def main() -> None:
+    """The ``commer`` entry point: bad input ends with one line naming the problem, not a traceback
+    (``COMMER_DEBUG=1`` shows the traceback)."""
+    import os
+
+    from commer.store import StoreError
+
+    try:
+        app()
+    except (ValueError, StoreError, FileNotFoundError) as err:
+        if os.environ.get("COMMER_DEBUG") == "1":
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        typer.secho(f"error: {message}", err=True, fg="red")
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

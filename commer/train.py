@@ -321,6 +321,7 @@ def build(config: RunConfig, backbone: Backbone | None = None) -> tuple[SoftProm
 
 def run(config: RunConfig, backbone: Backbone | None = None) -> dict[str, Any]:
     """Load the data a run config names, build its model and train it; the split is written next to the checkpoints."""
+    torch.manual_seed(config.train.seed)  # LoRA dropout; the data order has its own seeded RNG
     splits, split_info = load_splits(config.data.task, config.data.data_dir, config.data.n_docs, config.data.split_seed)
     train_examples = splits["train"][: config.data.max_train_examples]
     val_examples = splits["validation"][: config.data.max_val_examples]

@@ -1,0 +1,40 @@
+"""The command line: bad input ends in one clear line, and every shipped config loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from commer.train import load_config
+
+ROOT = Path(__file__).parents[1]
+
+
+def _commer(*args: str) -> subprocess.CompletedProcess:
+    code = "from commer.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--backbone", "no-such-model"], "unknown backbone 'no-such-model'"),
+        (["train", "configs/lamp7.yaml", "--set", "model.num_embeddings=0"], "num_embeddings (K) must be"),
+        (["train", "configs/lamp7.yaml", "--set", "train.lr"], "is not of the form key.sub=value"),
+        (["info", "README.md"], "is not a commer checkpoint"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message):
+    result = _commer(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert config.output_dir == f"runs/{path.stem}"
+    assert config.model.method == ("prompt_tuning" if "prompt-tuning" in path.stem else "commer")
