@@ -68,10 +68,10 @@ def quickstart(
     backbone: str = typer.Option("smollm2-135m"),
     k: int = typer.Option(8, help="Compression embeddings per document."),
     n_docs: int = typer.Option(2, help="Documents per user (top-n by BM25)."),
-    pretrain_steps: int = typer.Option(30),
-    finetune_steps: int = typer.Option(120),
+    pretrain_steps: int = typer.Option(20),
+    finetune_steps: int = typer.Option(80),
     batch_size: int = typer.Option(8),
-    test_users: int = typer.Option(96),
+    test_users: int = typer.Option(64),
 ) -> None:
     """Pretrain, fine-tune on LaMP-7 and show on held-out users whether their documents help (~15 min on 2 CPUs)."""
     from commer.quickstart import quickstart as run_quickstart
@@ -101,6 +101,47 @@ def train(
     typer.echo(json.dumps(summary, indent=2))
 
 
+@app.command("compress-corpus")
+def compress_corpus(
+    input_path: Path = typer.Argument(..., help="Documents: a .jsonl file, a .parquet file or a folder of them."),
+    output: Path = typer.Option(..., help="New folder for profiles/ (and documents/) as Parquet."),
+    checkpoint: Path | None = typer.Option(None, help="Trained checkpoint (default: an untrained ComMer)."),
+    backbone: str = typer.Option("smollm2-135m", help="Backbone: 'smollm2-135m', a model folder or a hub id."),
+    num_embeddings: int = typer.Option(16, "--k", help="K, compression embeddings per document (untrained model)."),
+    engine: str = typer.Option("local", help="'local' (this process) or 'ray' (Ray Data on a cluster)."),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: a new local cluster)."),
+    workers: int = typer.Option(2, min=1, help="Model replicas (Ray); each takes one GPU when the cluster has GPUs."),
+    cpus_per_worker: float = typer.Option(1.0, help="CPUs reserved per model replica (Ray)."),
+    batch_size: int = typer.Option(64, min=1, help="Documents per batch handed to a model."),
+    per_document: bool = typer.Option(False, help="Also write every document's compression (exact store import)."),
+    user_column: str = typer.Option("user_id", help="Input column holding the user id."),
+    text_column: str = typer.Option("text", help="Input column holding the document text."),
+    id_column: str | None = typer.Option(None, help="Input column holding a document id (default: SHA-256 of text)."),
+) -> None:
+    """Compress a corpus of users' documents into per-user profile sums (Parquet), locally or with Ray Data."""
+    from commer.scale.corpus import Columns, ModelSpec
+    from commer.scale.corpus import compress_corpus as run_corpus
+
+    start = time.perf_counter()
+    summary = run_corpus(
+        input_path,
+        output,
+        ModelSpec(str(checkpoint) if checkpoint else None, backbone, num_embeddings),
+        Columns(user_column, text_column, id_column),
+        engine=engine,
+        per_document=per_document,
+        batch_size=batch_size,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        address=address,
+    )
+    seconds = time.perf_counter() - start
+    typer.echo(
+        f"{summary.documents} documents of {summary.users} users compressed by model {summary.fingerprint} "
+        f"({engine}) in {seconds:.1f}s -> {summary.output}"
+    )
+
+
 @app.command()
 def info(checkpoint: Path) -> None:
     """Print a checkpoint's config and the backbone it was trained on."""
@@ -109,13 +150,36 @@ def info(checkpoint: Path) -> None:
     typer.echo(json.dumps(read_meta(checkpoint), indent=2))
 
 
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="A sweep config, e.g. configs/sweep-lamp7-small.yaml."),
+    overrides: list[str] = typer.Option([], "--set", help="Dotted override, e.g. --set eval.max_examples=16."),
+    report: bool = typer.Option(True, help="Write report.md and the figures when the sweep ends."),
+) -> None:
+    """Train and evaluate a grid of methods, K and documents; rerun to resume (finished cells are skipped)."""
+    from commer.experiments import load_sweep, run_sweep
+
+    sweep_config = load_sweep(config, overrides)
+    counts = run_sweep(sweep_config, report=report)
+    typer.echo(f"{json.dumps(counts)}; results in {sweep_config.results_path}")
+
+
+@app.command("report")
+def report_command(results_dir: Path = typer.Argument(..., help="A folder holding a sweep's results.jsonl.")) -> None:
+    """Write RESULTS_DIR/report.md and the paper's figures from a sweep's results table."""
+    from commer.experiments import write_report
+
+    if not (results_dir / "results.jsonl").is_file():
+        raise FileNotFoundError(f"no results table at {results_dir / 'results.jsonl'}: run `commer sweep` first")
+    typer.echo(f"wrote {write_report(results_dir)}")
+
+
 # sub-commands of other modules, registered after the app exists
 from commer.data.cli import data_app  # noqa: E402
 from commer.service.cli import register  # noqa: E402
 
 app.add_typer(data_app, name="data", help="Datasets: statistics of what you train on.")
 register(app)
-
 
 
 def main() -> None:

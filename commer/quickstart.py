@@ -29,19 +29,18 @@ from commer.train import DataConfig, RunConfig, TrainConfig, Trainer
 
 def _verdict(ppl: dict[str, float]) -> list[str]:
     own, none, other = ppl["own documents"], ppl["no documents"], ppl["another user's documents"]
-    lines = []
     if own < none:
-        lines.append(f"Documents help: perplexity {own:.2f} with the user's documents vs {none:.2f} without any.")
+        lines = [f"Documents help: perplexity {own:.2f} with the user's documents vs {none:.2f} without any."]
     else:
-        lines.append(f"Documents do NOT help in this run: {own:.2f} with them vs {none:.2f} without.")
+        lines = [f"Documents do NOT help in this run: perplexity {own:.2f} with them vs {none:.2f} without."]
     if own < other:
         lines.append(
-            f"The help is personal: another user's documents give {other:.2f}, worse than the user's own ({own:.2f})."
+            f"Own documents beat another user's ({own:.2f} vs {other:.2f}): the soft prompt carries something personal."
         )
     else:
         lines.append(
-            f"The help is NOT personal in this run: another user's documents give {other:.2f}, no worse than the "
-            f"user's own ({own:.2f}); the soft prompt acts as a learned task prompt, not yet as a profile."
+            f"Own documents do NOT beat another user's ({own:.2f} vs {other:.2f}): whatever the soft prompt adds is "
+            "not personal in this run."
         )
     return lines
 
@@ -52,11 +51,11 @@ def quickstart(
     backbone_spec: str = "smollm2-135m",
     num_embeddings: int = 8,
     n_docs: int = 2,
-    pretrain_steps: int = 30,
-    finetune_steps: int = 120,
+    pretrain_steps: int = 20,
+    finetune_steps: int = 80,
     batch_size: int = 8,
     val_users: int = 48,
-    test_users: int = 96,
+    test_users: int = 64,
     show: int = 4,
     seed: int = 0,
 ) -> dict[str, Any]:
