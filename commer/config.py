@@ -12,6 +12,7 @@ from typing import Any, Literal
 Method = Literal["commer", "prompt_tuning"]
 MergeStrategy = Literal["mean", "concat"]
 PromptFormat = Literal["chat", "plain"]
+CompressionNorm = Literal["none", "embedding"]
 
 
 def _positive(name: str, value: float) -> None:
@@ -37,6 +38,10 @@ class ComMerConfig:
     lora_target_modules: str | list[str] = "all-linear"
     # How instructions become tokens: "chat" uses the tokenizer's chat template when it has one.
     prompt_format: PromptFormat = "chat"
+    # "embedding" rescales every compression vector to the mean norm of the backbone's token embeddings. The paper
+    # uses the raw last-layer states ("none"), whose norm the final RMSNorm pins far above that of any token
+    # (about 51 against 3.2 on SmolLM2): the generator then reads K vectors unlike anything it was trained on.
+    compression_norm: CompressionNorm = "none"
     init_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -51,6 +56,8 @@ class ComMerConfig:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.compression_norm not in ("none", "embedding"):
+            raise ValueError(f"compression_norm must be 'none' or 'embedding', got {self.compression_norm!r}")
         if self.prompt_format not in ("chat", "plain"):
             raise ValueError(f"prompt_format must be 'chat' or 'plain', got {self.prompt_format!r}")
 

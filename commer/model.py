@@ -241,6 +241,8 @@ class ComMer(SoftPromptLM):
         self.compression_embeddings = nn.Parameter(
             _vocab_init(weight, config.num_embeddings, config.init_seed).to(weight.device)
         )  # (K, D)
+        # a constant of the frozen backbone, kept as a buffer so it moves with the model but is never trained or saved
+        self.register_buffer("token_norm", weight.detach().float().norm(dim=-1).mean(), persistent=False)
 
     @property
     def lm(self) -> nn.Module:
@@ -280,7 +282,10 @@ class ComMer(SoftPromptLM):
         # The decoder alone: the LM head's vocabulary projection would be wasted work here.
         hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         index = lengths[:, None] + torch.arange(k, device=doc_ids.device)[None, :]  # (n, K)
-        return hidden.gather(1, index[..., None].expand(n_docs, k, d))  # (n, K, D)
+        compressions = hidden.gather(1, index[..., None].expand(n_docs, k, d))  # (n, K, D)
+        if self.config.compression_norm == "embedding":
+            compressions = F.normalize(compressions, dim=-1) * self.token_norm.to(compressions.dtype)
+        return compressions
 
     def prefix(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         compressions = self.compress(batch.doc_ids, batch.doc_mask)  # (n_docs, K, D)

@@ -50,6 +50,7 @@ def quickstart(
     data_dir: str | None = None,
     backbone_spec: str = "smollm2-135m",
     num_embeddings: int = 8,
+    compression_norm: str = "none",
     n_docs: int = 2,
     pretrain_steps: int = 20,
     finetune_steps: int = 80,
@@ -63,7 +64,9 @@ def quickstart(
     start = time.perf_counter()
     torch.manual_seed(seed)
     backbone = load_backbone(backbone_spec)
-    model = ComMer(backbone, ComMerConfig(num_embeddings=num_embeddings, init_seed=seed))
+    model = ComMer(
+        backbone, ComMerConfig(num_embeddings=num_embeddings, compression_norm=compression_norm, init_seed=seed)
+    )
     train_cfg = TrainConfig(batch_size=batch_size, micro_batch_size=min(4, batch_size), log_every=5, seed=seed)
     stages = {
         "pretrain": RunConfig(
@@ -71,7 +74,7 @@ def quickstart(
             backbone=backbone_spec,
             model=model.config,
             data=DataConfig(task="pretrain", data_dir=data_dir, n_docs=4, max_val_examples=32),
-            train=replace(train_cfg, max_steps=pretrain_steps, eval_every=pretrain_steps),
+            train=replace(train_cfg, max_steps=pretrain_steps, eval_every=max(pretrain_steps, 1)),
         ),
         "finetune": RunConfig(
             output_dir=str(output_dir / "lamp7"),
@@ -82,6 +85,8 @@ def quickstart(
         ),
     }
     for name, config in stages.items():
+        if not config.train.max_steps:
+            continue
         typer.secho(f"\n== {name}: {config.train.max_steps} steps of {batch_size} examples", bold=True)
         splits, _ = load_splits(config.data.task, data_dir, config.data.n_docs, seed)
         val = splits["validation"][: config.data.max_val_examples]

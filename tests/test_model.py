@@ -181,3 +181,13 @@ def test_a_backbone_serves_one_model():
     ComMer(backbone, ComMerConfig(num_embeddings=K, lora_r=4))
     with pytest.raises(ValueError, match="already carries a LoRA"):
         ComMer(backbone, ComMerConfig(num_embeddings=K, lora_r=4))
+
+
+def test_embedding_norm_option_rescales_compressions(backbone):
+    model = _model(backbone, compression_norm="embedding")
+    batch = _collate(backbone, model)
+    norms = model.compress(batch.doc_ids, batch.doc_mask).norm(dim=-1)
+    expected = backbone.model.get_input_embeddings().weight.norm(dim=-1).mean()
+    torch.testing.assert_close(norms, expected.expand_as(norms), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="compression_norm must be"):
+        ComMerConfig(compression_norm="unit")
