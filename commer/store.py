@@ -278,6 +278,26 @@ class ProfileStore:
             self._put_state(tenant, user, state)
         return doc_ids
 
+    def import_profile(self, tenant: str, user: str, state: ProfileState) -> None:
+        """Set a profile to a sum and count computed elsewhere (``commer compress-corpus`` without per-document
+        compressions), replacing any sum-only profile the user had: importing the same corpus twice is a no-op.
+
+        Such a profile has no documents: none can be removed one by one, and after a model change ``rebuild`` has no
+        texts to re-compress it from and resets it to empty (import the corpus compressed by the new model instead).
+        A user who has stored documents is refused (their sum would no longer be their documents' sum)."""
+        if state.shape != self.shape:
+            raise ValueError(f"a profile of shape {state.shape}, this store holds {self.shape}")
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM documents WHERE tenant = ? AND user = ? LIMIT 1", (tenant, user)
+            ).fetchone()
+            if row is not None:
+                raise DocumentConflictError(
+                    f"user {user!r} (tenant {tenant!r}) has stored documents: import per-document compressions for "
+                    "them, or delete the user first"
+                )
+            self._put_state(tenant, user, state)
+
     def remove_document(self, tenant: str, user: str, doc_id: str) -> int:
         """Remove one document and subtract its stored compression; returns the profile's new count."""
         with self._write() as conn:

@@ -4,10 +4,18 @@ AdamW (weight decay 0.001) with two learning rates (compression embeddings 1e-2,
 gradient clipping at 0.3, cosine schedule with 3% warm-up, gradient accumulation, early stopping on validation
 perplexity, bf16 autocast on a GPU. Only trainable weights are checkpointed: ``best/`` (lowest validation perplexity)
 and ``last/`` (plus optimizer, schedule, RNG and data position, so a killed run resumes to the same result).
+
+Data-parallel: ``accelerate launch -m commer train CONFIG`` runs the same loop in N processes (DDP through Hugging
+Face Accelerate). Each optimizer step's ``batch_size`` examples are split across the processes, the loss is normalised
+by the answer tokens of the whole step on all processes and gradients are all-reduced, so N processes take the same
+steps as one, up to floating-point reduction order (and LoRA dropout masks, which each process draws on its own).
+Validation perplexity is summed over the processes' shares; only the main process writes checkpoints and logs.
+Launched without Accelerate, the loop is a single process, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -15,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -23,13 +31,17 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from commer.backbone import Backbone, load_backbone
+from commer.batch import Batch
 from commer.checkpoint import load_trainable, save_checkpoint
 from commer.config import ComMerConfig
 from commer.data.collate import Collator
 from commer.data.example import Example
 from commer.data.tasks import load_splits
-from commer.evaluate import autocast, perplexity
+from commer.evaluate import autocast
 from commer.model import SoftPromptLM, build_model
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -145,6 +157,33 @@ def param_groups(model: SoftPromptLM, cfg: TrainConfig) -> list[dict[str, Any]]:
     ]
 
 
+def make_accelerator(cpu: bool) -> Accelerator:
+    """The Accelerator of a run: the launcher's processes (one when not launched by ``accelerate launch``).
+
+    ``cpu``: the model runs on CPUs, so processes talk through gloo (e.g. ``accelerate launch --multi_gpu
+    --num_processes 2`` or ``torchrun --nproc_per_node 2`` on a machine without GPUs). Mixed precision stays
+    ``train.bf16``'s autocast and the run config places the model, whatever an accelerate config file says, so a
+    launched run computes what a single process does."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # A micro batch whose users have no documents leaves the LoRA and compression embeddings without gradient: DDP
+    # must look for unused parameters rather than wait for their gradients forever.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(device_placement=False, mixed_precision="no", cpu=cpu, kwargs_handlers=[ddp])
+
+
+class _StepLoss(torch.nn.Module):
+    """``model.nll`` as ``forward``: DDP synchronises gradients of what runs through a wrapped module's forward."""
+
+    def __init__(self, model: SoftPromptLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.nll(batch)
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The data order of an epoch depends only on (seed, epoch): a resumed run replays it exactly."""
     order = list(range(n))
@@ -162,6 +201,7 @@ class Trainer:
         tokenizer,
         train_examples: Sequence[Example],
         val_examples: Sequence[Example],
+        accelerator: Accelerator | None = None,
     ) -> None:
         if not train_examples:
             raise ValueError("no training examples: check the data config (task, data_dir, n_docs)")
@@ -179,6 +219,14 @@ class Trainer:
         self.step = 0
         self.best_ppl = math.inf
         self.bad_evals = 0
+        self.accelerator = accelerator or make_accelerator(cpu=model.device.type == "cpu")
+        kind = self.accelerator.distributed_type.value
+        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            # FSDP and DeepSpeed shard parameters and optimizer state: checkpoints written from the main process's
+            # trainable_state() would hold one shard. See docs/scaling.md.
+            raise ValueError(f"commer train runs on one process or data-parallel (DDP), not {kind}")
+        self.main = self.accelerator.is_main_process
+        self.loss_module = self.accelerator.prepare(_StepLoss(model))
 
     # -- state ------------------------------------------------------------------------------------------------------
     def _save_last(self) -> None:
@@ -214,6 +262,8 @@ class Trainer:
         return True
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
         with (self.out / "log.jsonl").open("a") as f:
             f.write(json.dumps({"step": self.step, "time": round(time.time(), 3), **record}) + "\n")
 
@@ -221,38 +271,50 @@ class Trainer:
     def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
         """Train until ``total_steps`` or early stopping; returns a summary. ``stop_at_step`` simulates a kill right
         after the checkpoint of that step (for tests of resumption)."""
+        acc = self.accelerator
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        if self.main:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         resumed = self._resume()
         if resumed:
             self._log({"event": "resumed"})
         cfg, device = self.cfg, self.model.device
         self.model.train()
         stopped_early = False
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.main)
         window_tokens, window_start, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
         while self.step < self.total_steps and not stopped_early:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
             order = _epoch_order(len(self.train_examples), cfg.seed, epoch)
             start = offset * cfg.batch_size
             indices = order[start : start + cfg.batch_size]
-            micro = [indices[i : i + cfg.micro_batch_size] for i in range(0, len(indices), cfg.micro_batch_size)]
-            total_answer_tokens = 0
+            with acc.split_between_processes(indices) as share:
+                share, weight = list(share), 1
+            if not share:
+                # Fewer examples than processes (an epoch's last step): this process still joins the gradient
+                # all-reduce, with an example weighted 0.
+                share, weight = indices[:1], 0
+            micro = [share[i : i + cfg.micro_batch_size] for i in range(0, len(share), cfg.micro_batch_size)]
+            answer_tokens = 0
             batches = []
             for idx in micro:
                 batch = self.collator([self.train_examples[i] for i in idx]).to(device)
-                total_answer_tokens += int((batch.labels != -100).sum())
+                answer_tokens += int((batch.labels != -100).sum()) * weight
                 batches.append(batch)
+            total_answer_tokens = int(acc.reduce(torch.tensor(answer_tokens, device=acc.device), "sum"))
             step_loss = 0.0
-            for batch in batches:
-                with autocast(device, cfg.bf16):
-                    nll, _ = self.model.nll(batch)
-                # normalise by the whole step's answer tokens: accumulation then equals one big batch
-                loss = nll.sum() / max(total_answer_tokens, 1)
-                loss.backward()
+            for j, batch in enumerate(batches):
+                # Gradients are all-reduced once per step, in the last micro batch's backward.
+                with contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(self.loss_module):
+                    with autocast(device, cfg.bf16):
+                        nll, _ = self.loss_module(batch)
+                    # Normalise by the whole step's answer tokens on all processes: accumulation and data parallelism
+                    # then equal one big batch (DDP averages gradients over the processes, hence the factor).
+                    loss = nll.sum() * (weight * acc.num_processes) / max(total_answer_tokens, 1)
+                    acc.backward(loss)
                 step_loss += float(loss.detach())
-                window_tokens += int(batch.input_mask.sum() + batch.doc_mask.sum())
-            torch.nn.utils.clip_grad_norm_(self.model.trainable_state().values(), cfg.max_grad_norm)
+                window_tokens += int(batch.input_mask.sum() + batch.doc_mask.sum()) * weight
+            acc.clip_grad_norm_(self.model.trainable_state().values(), cfg.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -262,11 +324,14 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
+                window = torch.tensor([window_loss, window_tokens], dtype=torch.float64, device=acc.device)
+                summed_loss, all_tokens = acc.reduce(window, "sum").tolist()
+                mean_loss = summed_loss / acc.num_processes / window_n
                 record = {
-                    "loss": window_loss / window_n,
-                    "ppl": math.exp(min(window_loss / window_n, 50)),
+                    "loss": mean_loss,
+                    "ppl": math.exp(min(mean_loss, 50)),
                     "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
-                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    "tokens_per_s": all_tokens / max(elapsed, 1e-9),
                 }
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}",
@@ -278,11 +343,14 @@ class Trainer:
                 window_tokens, window_start, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
             if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
                 stopped_early = self._validate()
-                self._save_last()
+                if self.main:
+                    self._save_last()
                 if stop_at_step is not None and self.step >= stop_at_step:
                     bar.close()
+                    acc.wait_for_everyone()
                     return {"killed_at": self.step}
         bar.close()
+        acc.wait_for_everyone()  # every process returns once the main one has written the checkpoints
         summary = {
             "steps": self.step,
             "best_val_ppl": self.best_ppl,
@@ -292,26 +360,48 @@ class Trainer:
         self._log({"event": "done", **summary})
         return summary
 
+    @torch.no_grad()
+    def _perplexity(self) -> float:
+        """Token-weighted perplexity of the validation answers, each process scoring its share."""
+        acc, model = self.accelerator, self.model
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=acc.device)  # summed NLL, answer tokens
+        with acc.split_between_processes(self.val_examples) as share:
+            for start in range(0, len(share), self.cfg.micro_batch_size):
+                batch = self.collator(share[start : start + self.cfg.micro_batch_size]).to(model.device)
+                with autocast(model.device, self.cfg.bf16):
+                    nll, n = model.nll(batch)
+                total += torch.stack([nll.sum().double(), n.sum().double()]).to(acc.device)
+        model.train()
+        summed_nll, tokens = acc.reduce(total, "sum").tolist()
+        return math.exp(summed_nll / max(tokens, 1))
+
     def _validate(self) -> bool:
         """Validate, keep the best checkpoint; True when early stopping says stop."""
         if not self.val_examples:
-            save_checkpoint(self.model, self.out / "best", extra={"step": self.step})
+            if self.main:
+                save_checkpoint(self.model, self.out / "best", extra={"step": self.step})
             return False
-        ppl = perplexity(self.model, self.collator, self.val_examples, self.cfg.micro_batch_size, bf16=self.cfg.bf16)
+        ppl = self._perplexity()
         improved = ppl < self.best_ppl
         if improved:
             self.best_ppl, self.bad_evals = ppl, 0
-            save_checkpoint(self.model, self.out / "best", extra={"step": self.step, "val_ppl": ppl})
+            if self.main:
+                save_checkpoint(self.model, self.out / "best", extra={"step": self.step, "val_ppl": ppl})
         else:
             self.bad_evals += 1
         self._log({"event": "eval", "val_ppl": ppl, "best_val_ppl": self.best_ppl})
-        tqdm.write(f"step {self.step}: validation perplexity {ppl:.3f} (best {self.best_ppl:.3f})")
+        if self.main:
+            tqdm.write(f"step {self.step}: validation perplexity {ppl:.3f} (best {self.best_ppl:.3f})")
         return self.cfg.patience > 0 and self.bad_evals >= self.cfg.patience
 
 
-def build(config: RunConfig, backbone: Backbone | None = None) -> tuple[SoftPromptLM, Backbone]:
-    """The model a run config describes, on its backbone, initialised from ``train.init_from`` when set."""
-    device = resolve_device(config.device)
+def build(
+    config: RunConfig, backbone: Backbone | None = None, device: torch.device | None = None
+) -> tuple[SoftPromptLM, Backbone]:
+    """The model a run config describes, on its backbone, initialised from ``train.init_from`` when set.
+    ``device`` (default: ``config.device``) is where a backbone loaded here goes."""
+    device = device or resolve_device(config.device)
     backbone = backbone or load_backbone(config.backbone, device=device)
     model = build_model(backbone, config.model)
     if config.train.init_from:
@@ -321,16 +411,20 @@ def build(config: RunConfig, backbone: Backbone | None = None) -> tuple[SoftProm
 
 def run(config: RunConfig, backbone: Backbone | None = None) -> dict[str, Any]:
     """Load the data a run config names, build its model and train it; the split is written next to the checkpoints."""
+    accelerator = make_accelerator(cpu=resolve_device(config.device).type == "cpu")
     torch.manual_seed(config.train.seed)  # LoRA dropout; the data order has its own seeded RNG
     splits, split_info = load_splits(config.data.task, config.data.data_dir, config.data.n_docs, config.data.split_seed)
     train_examples = splits["train"][: config.data.max_train_examples]
     val_examples = splits["validation"][: config.data.max_val_examples]
-    model, backbone = build(config, backbone)
+    # "auto" under a launcher: each process's own GPU (the launcher's device is the single-process "auto" too).
+    model, backbone = build(config, backbone, accelerator.device if config.device == "auto" else None)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "split.json").write_text(json.dumps(split_info.to_dict(), indent=1) + "\n")
-    tqdm.write(
-        f"{config.data.task}: {len(train_examples)} training and {len(val_examples)} validation examples, "
-        f"{config.model.method} K={config.model.num_embeddings} on {backbone.name}, output {out}"
-    )
-    return Trainer(config, model, backbone.tokenizer, train_examples, val_examples).fit()
+    if accelerator.is_main_process:
+        (out / "split.json").write_text(json.dumps(split_info.to_dict(), indent=1) + "\n")
+        tqdm.write(
+            f"{config.data.task}: {len(train_examples)} training and {len(val_examples)} validation examples, "
+            f"{config.model.method} K={config.model.num_embeddings} on {backbone.name}, output {out}, "
+            f"{accelerator.num_processes} process(es)"
+        )
+    return Trainer(config, model, backbone.tokenizer, train_examples, val_examples, accelerator).fit()

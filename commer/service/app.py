@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import Depends, FastAPI, Path, Request
@@ -39,6 +39,9 @@ from commer.store import (
     UnknownUserError,
     text_hash,
 )
+
+if TYPE_CHECKING:
+    from commer.scale.vllm import VLLMGenerator
 
 log = logging.getLogger("commer.service")
 
@@ -210,9 +213,11 @@ def create_app(
     store: ProfileStore,
     api_keys: Mapping[str, str],
     limits: ServiceLimits | None = None,
+    generator: "VLLMGenerator | None" = None,
 ) -> FastAPI:
     """The service's ASGI app. ``api_keys`` maps each API key to its tenant; ``store`` must serve this
-    personalizer's model (same fingerprint). The model worker thread starts and stops with the app's lifespan."""
+    personalizer's model (same fingerprint). The model worker thread starts and stops with the app's lifespan.
+    ``generator``: decode on a vLLM server instead of the local model (which still compresses documents)."""
     limits = limits or ServiceLimits()
     if not api_keys:
         raise ValueError("no API keys configured: every request would be refused")
@@ -234,6 +239,8 @@ def create_app(
             yield
         finally:
             await run_in_threadpool(worker.stop)
+            if generator is not None:
+                await generator.aclose()
 
     app = FastAPI(title="commer", summary="Personalized generation from compressed user documents", lifespan=lifespan)
     app.add_middleware(_Guard, metrics=metrics, max_body_bytes=limits.max_body_bytes)
@@ -252,6 +259,14 @@ def create_app(
         return JSONResponse({"detail": errors}, status_code=422)
 
     app.add_exception_handler(RequestValidationError, invalid_request)
+    if generator is not None:
+        from commer.scale.vllm import VLLMError
+
+        async def vllm_failed(_: Request, err: VLLMError) -> JSONResponse:
+            # vLLM's 400 is a request it cannot serve (e.g. over its context): the client's problem, not a failure.
+            return JSONResponse({"detail": str(err)}, status_code=422 if err.status == 400 else 502)
+
+        app.add_exception_handler(VLLMError, vllm_failed)
     for exc, status in [
         (UnknownUserError, 404),
         (UnknownDocumentError, 404),
@@ -401,6 +416,8 @@ def create_app(
         """Answer an instruction from the user's profile. ``stream``: server-sent events, ``delta`` events with text
         then one ``done`` event with the whole answer."""
         profile = await run_in_threadpool(store.get_profile, tenant, user)
+        if generator is not None:
+            return await _generate_vllm(body, user, profile if profile.count else None)
         job = GenerationJob(
             profile=profile if profile.count else None,
             instruction=body.instruction,
@@ -452,6 +469,50 @@ def create_app(
             except Exception as err:  # noqa: BLE001 - headers are sent: the error can only be an event now
                 log.exception("generation failed for user %r", user)
                 yield _sse("error", {"detail": str(err)})
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _generate_vllm(body: Any, user: str, profile: Any) -> dict[str, Any] | StreamingResponse:
+        """``generate`` on the vLLM server: the request's embeddings are built on the model worker (it tokenizes)."""
+        from commer.scale.vllm import Completion, completion_request
+
+        def request() -> dict[str, Any]:
+            return completion_request(
+                personalizer,
+                profile,
+                body.instruction,
+                max_tokens=body.max_new_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                model=generator.model,
+            )
+
+        started = time.perf_counter()
+        request_body = await asyncio.wrap_future(worker.submit(request))
+
+        def final(done: Completion) -> dict[str, Any]:
+            metrics.tokens.inc(done.tokens)
+            return {"user": user, "text": done.text, "tokens": done.tokens, "finish_reason": done.finish_reason}
+
+        if not body.stream:
+            return final(await generator.complete(request_body))
+        stream = generator.stream(request_body)
+        first = await anext(stream)  # vLLM refusing the request is still a status code, not an event
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                item = first
+                while True:
+                    if isinstance(item, Completion):
+                        yield _sse("done", {**final(item), "seconds": round(time.perf_counter() - started, 4)})
+                        return
+                    yield _sse("delta", {"text": item})
+                    item = await anext(stream)
+            except Exception as err:  # noqa: BLE001 - headers are sent: the error can only be an event now
+                log.exception("vLLM generation failed for user %r", user)
+                yield _sse("error", {"detail": str(err)})
+            finally:
+                await stream.aclose()  # a client gone mid-answer closes the vLLM request, which aborts it there
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

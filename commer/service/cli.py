@@ -90,17 +90,29 @@ def serve(
     batch_wait_ms: float = typer.Option(5.0, min=0.0, help="How long a generation waits for others to batch with."),
     max_new_tokens: int = typer.Option(256, min=1, help="Largest max_new_tokens a request may ask for."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    generator: str = typer.Option("local", help="Who decodes: 'local' (this process) or 'vllm' (a vLLM server)."),
+    vllm_url: str | None = typer.Option(None, help="The vLLM server (started with --enable-prompt-embeds)."),
+    vllm_model: str | None = typer.Option(None, help="The model name vLLM serves (default: its only one)."),
 ) -> None:
     """Serve the HTTP API (profiles, batched personalized generation, /metrics)."""
     import uvicorn
 
     from commer.service.app import ServiceLimits, create_app
 
+    if generator not in ("local", "vllm"):
+        raise typer.BadParameter(f"--generator must be 'local' or 'vllm', got {generator!r}")
+    if generator == "vllm" and not vllm_url:
+        raise typer.BadParameter("--generator vllm needs --vllm-url, e.g. http://127.0.0.1:8001")
     keys = read_api_keys(api_keys)
     personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
     store = open_store(db, personalizer)
     limits = ServiceLimits(max_new_tokens=max_new_tokens, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
-    app = create_app(personalizer, store, keys, limits)
+    remote = None
+    if generator == "vllm":
+        from commer.scale.vllm import VLLMGenerator
+
+        remote = VLLMGenerator(vllm_url, vllm_model)
+    app = create_app(personalizer, store, keys, limits, generator=remote)
     typer.echo(f"serving model {store.fingerprint} from {db} for {len(set(keys.values()))} tenant(s)", err=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
