@@ -26,21 +26,28 @@ from commer.evaluate import generate, perplexity
 from commer.model import ComMer
 from commer.train import DataConfig, RunConfig, TrainConfig, Trainer
 
+# Differences under 1% in perplexity are within what another seed or another 64 users would change.
+MARGIN = 0.01
+
 
 def _verdict(ppl: dict[str, float]) -> list[str]:
     own, none, other = ppl["own documents"], ppl["no documents"], ppl["another user's documents"]
-    if own < none:
+    if own < none * (1 - MARGIN):
         lines = [f"Documents help: perplexity {own:.2f} with the user's documents vs {none:.2f} without any."]
+    elif own > none * (1 + MARGIN):
+        lines = [f"Documents HURT in this run: perplexity {own:.2f} with them vs {none:.2f} without."]
     else:
-        lines = [f"Documents do NOT help in this run: perplexity {own:.2f} with them vs {none:.2f} without."]
-    if own < other:
+        lines = [
+            f"Documents make no clear difference in this run: perplexity {own:.2f} with them vs {none:.2f} without."
+        ]
+    if own < other * (1 - MARGIN):
         lines.append(
             f"Own documents beat another user's ({own:.2f} vs {other:.2f}): the soft prompt carries something personal."
         )
     else:
         lines.append(
-            f"Own documents do NOT beat another user's ({own:.2f} vs {other:.2f}): whatever the soft prompt adds is "
-            "not personal in this run."
+            f"Own documents do not clearly beat another user's ({own:.2f} vs {other:.2f}, less than 1% apart): no "
+            "personal signal in this run."
         )
     return lines
 
