@@ -1,14 +1,22 @@
-"""Metrics on held-out examples: perplexity of the gold answer and greedy generations."""
+"""Metrics on held-out examples: perplexity of the gold answer, ROUGE of greedy generations, and the prompt cost.
+
+``evaluate_examples`` computes them all for one model on one set of examples; ``commer.experiments`` runs it over a
+sweep of methods, K and numbers of documents.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from commer.batch import Batch
+from commer.config import ComMerConfig
 from commer.data.collate import Collator
 from commer.data.example import Example
 from commer.model import SoftPromptLM
@@ -66,3 +74,124 @@ def generate(
             )
         answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens.tolist()]
     return answers
+
+
+# -- cost: what the generator reads ------------------------------------------------------------------------------
+@dataclass
+class PromptCost:
+    """Mean prompt sizes of a set of examples, in tokens (positions the generator or compressor reads).
+
+    ``soft_prompt``: soft-prompt vectors before the text prompt (ComMer-mean: K, or 0 without documents; ComMer-concat:
+    K x n; prompt tuning: K). ``generator``: everything the generator reads before its first new token, soft prompt
+    plus text prompt (for prompt tuning the text prompt holds the documents). ``compressor``: what ComMer's compressor
+    reads to build the soft prompt (document tokens + K slots per document; 0 for prompt tuning); it can be done
+    offline, once per document, so it is not part of the cost of answering.
+    """
+
+    soft_prompt: float
+    generator: float
+    compressor: float
+
+
+def prompt_tokens(batch: Batch, config: ComMerConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example ``(soft_prompt, generator, compressor)`` token counts of a prompts-only batch, each ``(B,)``.
+
+    Counted from the collated tensors, so they are exactly what the models read: ``merge_batch`` masks the soft
+    prompt of a user without documents, and the concat merge keeps K slots per document.
+    """
+    if batch.labels is not None:
+        raise ValueError("count prompt tokens on a batch collated with_answers=False: answers are not prompt")
+    k = config.num_embeddings
+    docs = torch.bincount(batch.doc_owner, minlength=batch.size)  # (B,)
+    if config.method == "prompt_tuning":
+        soft = torch.full_like(docs, k)
+        compressor = torch.zeros_like(docs)
+    else:
+        soft = k * docs if config.merge == "concat" else k * (docs > 0).long()
+        doc_tokens = batch.doc_mask.sum(1).long()
+        compressor = torch.zeros_like(docs).index_add(0, batch.doc_owner, doc_tokens + k)
+    return soft, soft + batch.input_mask.sum(1), compressor
+
+
+def prompt_cost(collator: Collator, examples: Sequence[Example], batch_size: int = 64) -> PromptCost:
+    """Mean prompt sizes of ``examples`` as ``collator``'s method reads them (see ``PromptCost``)."""
+    totals = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, len(examples), batch_size):
+        batch = collator(examples[start : start + batch_size], with_answers=False)
+        totals += torch.stack([t.sum() for t in prompt_tokens(batch, collator.config)]).double()
+    soft, generator, compressor = (totals / max(len(examples), 1)).tolist()
+    return PromptCost(soft, generator, compressor)
+
+
+# -- ROUGE and the copy-the-input baseline ----------------------------------------------------------------------
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """ROUGE-1 and ROUGE-L F-measures averaged over examples, scored as LaMP does (``rouge-score``, Porter stemmer)."""
+    from rouge_score import rouge_scorer  # imports nltk: slow, and only needed here
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return {"rouge1": math.nan, "rougeL": math.nan}
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
+    return {name: sum(s[name].fmeasure for s in scores) / len(scores) for name in ("rouge1", "rougeL")}
+
+
+def copy_input(instruction: str) -> str:
+    """The copy-the-input baseline: the text after the instruction's first colon (LaMP-7: the tweet to paraphrase,
+    which already paraphrases the gold one), or the whole instruction when it has no colon."""
+    return instruction.split(":", 1)[-1].strip()
+
+
+# -- everything about one set of examples --------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """The metrics of one model on one set of examples; ``rouge_*`` are on the first ``n_rouge`` examples only."""
+
+    perplexity: float
+    n_examples: int
+    cost: PromptCost
+    rouge1: float = math.nan
+    rougeL: float = math.nan
+    copy_rouge1: float = math.nan
+    copy_rougeL: float = math.nan
+    n_rouge: int = 0
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_examples(
+    model: SoftPromptLM,
+    collator: Collator,
+    examples: Sequence[Example],
+    rouge_examples: int = 0,
+    batch_size: int = 8,
+    max_new_tokens: int = 48,
+    bf16: bool = True,
+    n_samples: int = 2,
+) -> Evaluation:
+    """Perplexity of the gold answers of ``examples``, the prompt cost, and ROUGE of greedy generations on the first
+    ``rouge_examples`` of them (generation is the slow part), next to the copy-the-input baseline on the same ones."""
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    result = Evaluation(
+        perplexity=perplexity(model, collator, examples, batch_size, bf16),
+        n_examples=len(examples),
+        cost=prompt_cost(collator, examples),
+    )
+    subset = list(examples[:rouge_examples])
+    if subset:
+        answers = generate(model, collator, subset, batch_size, max_new_tokens, bf16)
+        golds = [ex.answer for ex in subset]
+        scores = rouge(answers, golds)
+        copies = rouge([copy_input(ex.instruction) for ex in subset], golds)
+        result.rouge1, result.rougeL = scores["rouge1"], scores["rougeL"]
+        result.copy_rouge1, result.copy_rougeL = copies["rouge1"], copies["rougeL"]
+        result.n_rouge = len(subset)
+        result.samples = [
+            {"instruction": ex.instruction, "gold": ex.answer, "generated": answer}
+            for ex, answer in zip(subset[:n_samples], answers, strict=False)
+        ]
+    return result

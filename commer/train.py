@@ -113,21 +113,25 @@ def _build(cls, values: dict[str, Any], where: str):
     return cls(**kwargs)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run config and apply ``key.sub=value`` overrides (values parsed as YAML: 16, 1e-4, true, null)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+def read_yaml_with_overrides(path: str | Path | None, overrides: Sequence[str]) -> dict[str, Any]:
+    """A YAML file (or nothing) with ``key.sub=value`` overrides applied; values are parsed as YAML (16, 1e-4, true,
+    null, [4, 8]) and a number in a key indexes a list (``studies.0.k=[4,8]``)."""
+    values: dict[str, Any] = (yaml.safe_load(Path(path).read_text()) or {}) if path is not None else {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not of the form key.sub=value")
-        node = values
+        node: Any = values
         *parents, leaf = key.strip().split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
         node[leaf] = yaml.safe_load(raw)
-    return _build(RunConfig, values, "")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply dotted overrides (see ``read_yaml_with_overrides``)."""
+    return _build(RunConfig, read_yaml_with_overrides(path, overrides), "")
 
 
 # -- the loop ----------------------------------------------------------------------------------------------------

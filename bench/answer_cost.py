@@ -1,0 +1,105 @@
+"""The cost of answering: ComMer (K=16) against prompt tuning with the same documents in its prompt, side by side.
+
+    python bench/answer_cost.py [--backbone smollm2-135m] [--k 16] [--users 8] [--new-tokens 32] [--rounds 3]
+
+Real LaMP-7 users with at least 8 profile tweets (their top-8 by BM25), at 1, 4 and 8 documents each. For each number
+of documents it times one batch of ``--users`` requests: ComMer generating from the users' merged soft prompts
+(compressed beforehand, as the profile store keeps them), ComMer compressing the documents first (what a cold start
+costs), and prompt tuning reading the documents as text. Every request decodes exactly ``--new-tokens`` tokens (EOS is
+ignored), so only the prompt differs. Rounds alternate between the three to spread machine noise evenly; medians.
+The models are untrained: latency and token counts do not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from commer.backbone import load_backbone
+from commer.config import ComMerConfig
+from commer.data.collate import Collator
+from commer.data.example import Example
+from commer.data.lamp import load_lamp7
+from commer.evaluate import autocast, prompt_cost
+from commer.model import ComMer, PromptTuning
+
+DOCS = (1, 4, 8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="smollm2-135m")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    users = [e for e in load_lamp7(args.data_dir, n_docs=max(DOCS)).examples if len(e.documents) >= max(DOCS)]
+    users = users[: args.users]
+    # Two backbones: ComMer injects its LoRA into the weights it is given, and prompt tuning must run the plain model.
+    commer = ComMer(load_backbone(args.backbone), ComMerConfig(num_embeddings=args.k)).eval()
+    backbone = load_backbone(args.backbone)
+    tuning = PromptTuning(backbone, ComMerConfig(method="prompt_tuning", num_embeddings=args.k)).eval()
+    collators = {m: Collator(backbone.tokenizer, m.config, m.max_length) for m in (commer, tuning)}
+    decoding = {"eos_token_id": -1, "pad_token_id": collators[commer].pad_id, "max_new_tokens": args.new_tokens}
+
+    jobs: dict[tuple[str, int], Callable[[], torch.Tensor]] = {}
+    tokens: dict[tuple[str, int], float] = {}
+    for n in DOCS:
+        examples = [Example(u.user_id, u.documents[:n], u.instruction) for u in users]
+        batch = collators[commer](examples, with_answers=False)
+        pt_batch = collators[tuning](examples, with_answers=False)
+        with autocast(commer.device, True):
+            prefix, mask = commer.prefix(batch)  # compressed beforehand: what a stored profile holds
+        jobs["commer", n] = lambda b=batch, p=prefix, m=mask: commer.decode(p, m, b.input_ids, b.input_mask, **decoding)
+        jobs["commer+compress", n] = lambda b=batch: commer.generate(b, **decoding)
+        jobs["prompt tuning", n] = lambda b=pt_batch: tuning.generate(b, **decoding)
+        tokens["commer", n] = prompt_cost(collators[commer], examples).generator
+        tokens["prompt tuning", n] = prompt_cost(collators[tuning], examples).generator
+
+    def timed(job: Callable[[], torch.Tensor]) -> float:
+        start = time.perf_counter()
+        with autocast(commer.device, True):
+            out = job()
+        if out.shape[1] != args.new_tokens:
+            raise RuntimeError(f"decoded {out.shape[1]} tokens, expected {args.new_tokens}: the timings would differ")
+        return time.perf_counter() - start
+
+    for job in jobs.values():  # warm-up
+        timed(job)
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in jobs}
+    for _ in range(args.rounds):
+        for key, job in jobs.items():
+            times[key].append(timed(job))
+    median = {key: statistics.median(t) for key, t in times.items()}
+
+    print(
+        f"backbone {args.backbone}, K={args.k}, {len(users)} LaMP-7 users per batch, {args.new_tokens} new tokens "
+        f"each, "
+        f"torch threads {torch.get_num_threads()}, median of {args.rounds} alternating rounds"
+    )
+    print("generator prompt tokens per request (soft prompt + text prompt) and seconds per batch:")
+    print(" docs | ComMer tok | PT tok | PT/ComMer tok | ComMer s | ComMer+compress s |  PT s | PT/ComMer s")
+    print("------+------------+--------+---------------+----------+-------------------+-------+------------")
+    for n in DOCS:
+        c, cc, p = median["commer", n], median["commer+compress", n], median["prompt tuning", n]
+        ct, pt = tokens["commer", n], tokens["prompt tuning", n]
+        print(f"{n:5} | {ct:10.1f} | {pt:6.1f} | {pt / ct:13.2f} | {c:8.3f} | {cc:17.3f} | {p:5.3f} | {p / c:10.2f}")
+    first, last = DOCS[0], DOCS[-1]
+    print(
+        f"ComMer at {last} vs {first} documents: tokens x{tokens['commer', last] / tokens['commer', first]:.2f}, "
+        f"latency x{median['commer', last] / median['commer', first]:.2f} (flat: the merged prompt is K vectors); "
+        f"prompt tuning: tokens x{tokens['prompt tuning', last] / tokens['prompt tuning', first]:.2f}, "
+        f"latency x{median['prompt tuning', last] / median['prompt tuning', first]:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
