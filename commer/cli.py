@@ -72,6 +72,7 @@ def quickstart(
     pretrain_steps: int = typer.Option(20),
     finetune_steps: int = typer.Option(80),
     batch_size: int = typer.Option(8),
+    lr_lora: float = typer.Option(1e-4, help="LoRA learning rate (the paper's 1e-4 by default)."),
     test_users: int = typer.Option(64),
 ) -> None:
     """Pretrain, fine-tune on LaMP-7 and show on held-out users whether their documents help (~15 min on 2 CPUs)."""
@@ -87,6 +88,7 @@ def quickstart(
         pretrain_steps=pretrain_steps,
         finetune_steps=finetune_steps,
         batch_size=batch_size,
+        lr_lora=lr_lora,
         test_users=test_users,
     )
 

@@ -62,6 +62,7 @@ def quickstart(
     pretrain_steps: int = 20,
     finetune_steps: int = 80,
     batch_size: int = 8,
+    lr_lora: float = 1e-4,
     val_users: int = 48,
     test_users: int = 64,
     show: int = 4,
@@ -74,7 +75,9 @@ def quickstart(
     model = ComMer(
         backbone, ComMerConfig(num_embeddings=num_embeddings, compression_norm=compression_norm, init_seed=seed)
     )
-    train_cfg = TrainConfig(batch_size=batch_size, micro_batch_size=min(4, batch_size), log_every=5, seed=seed)
+    train_cfg = TrainConfig(
+        batch_size=batch_size, micro_batch_size=min(4, batch_size), lr_lora=lr_lora, log_every=5, seed=seed
+    )
     stages = {
         "pretrain": RunConfig(
             output_dir=str(output_dir / "pretrain"),
