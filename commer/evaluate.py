@@ -36,10 +36,10 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 
 @torch.no_grad()
-def perplexity(
+def nll_totals(
     model: SoftPromptLM, collator: Collator, examples: Sequence[Example], batch_size: int = 8, bf16: bool = True
-) -> float:
-    """Token-weighted perplexity of the gold answers of ``examples``."""
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of the gold answers of ``examples`` and their number of tokens."""
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
@@ -50,6 +50,14 @@ def perplexity(
         total_nll += float(nll.sum())
         total_tokens += int(n.sum())
     model.train(was_training)
+    return total_nll, total_tokens
+
+
+def perplexity(
+    model: SoftPromptLM, collator: Collator, examples: Sequence[Example], batch_size: int = 8, bf16: bool = True
+) -> float:
+    """Token-weighted perplexity of the gold answers of ``examples``."""
+    total_nll, total_tokens = nll_totals(model, collator, examples, batch_size, bf16)
     return math.exp(total_nll / max(total_tokens, 1))
 
 

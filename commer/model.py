@@ -63,10 +63,6 @@ class SoftPromptLM(nn.Module):
 
     # -- shared by both methods -----------------------------------------------------------------------------------
     @property
-    def hidden_size(self) -> int:
-        return self.lm.get_input_embeddings().weight.shape[1]
-
-    @property
     def device(self) -> torch.device:
         return self.lm.get_input_embeddings().weight.device
 
@@ -77,22 +73,21 @@ class SoftPromptLM(nn.Module):
         """Every trainable tensor by name: exactly what a checkpoint stores."""
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
-    def _generator_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        prefix, prefix_mask = self.prefix(batch)
+    def _join(
+        self, prefix: torch.Tensor, prefix_mask: torch.Tensor, input_ids: torch.Tensor, input_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the generator reads: ``(B, P + L, D)`` embeddings of soft prompt then tokens, and their bool mask."""
         dtype = self.lm.get_input_embeddings().weight.dtype
-        embeds = torch.cat([prefix.to(dtype), self.embed(batch.input_ids)], dim=1)  # (B, P + L, D)
-        mask = torch.cat([prefix_mask, batch.input_mask], dim=1)  # (B, P + L)
-        labels = None
-        if batch.labels is not None:
-            pad = batch.labels.new_full(prefix_mask.shape, IGNORE_INDEX)
-            labels = torch.cat([pad, batch.labels], dim=1)
-        return embeds, mask, labels
+        embeds = torch.cat([prefix.to(dtype), self.embed(input_ids)], dim=1)  # (B, P + L, D)
+        return embeds, torch.cat([prefix_mask, input_mask.bool()], dim=1)
 
     def nll(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed negative log-likelihood of each example's answer tokens and their number, both ``(B,)``."""
-        embeds, mask, labels = self._generator_inputs(batch)
-        if labels is None:
+        if batch.labels is None:
             raise ValueError("this batch has no labels: collate it with answers to compute a loss or perplexity")
+        prefix, prefix_mask = self.prefix(batch)
+        embeds, mask = self._join(prefix, prefix_mask, batch.input_ids, batch.input_mask)
+        labels = torch.cat([batch.labels.new_full(prefix_mask.shape, IGNORE_INDEX), batch.labels], dim=1)
         # Move masked positions (empty prefixes, padding) to the end: then no real query attends to a slot with no
         # valid key, and the loss is unchanged because it is selected by label, not by position.
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
@@ -166,9 +161,7 @@ class SoftPromptLM(nn.Module):
         if bool((temperature < 0).any()) or not bool(((top_p > 0) & (top_p <= 1)).all()):
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature.tolist()}, {top_p.tolist()}")
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id, device=self.device)
-        dtype = self.lm.get_input_embeddings().weight.dtype
-        embeds = torch.cat([prefix.to(dtype), self.embed(input_ids)], dim=1)  # (B, P + L, D)
-        mask = torch.cat([prefix_mask, input_mask.bool()], dim=1)
+        embeds, mask = self._join(prefix, prefix_mask, input_ids, input_mask)
         # Left-align: all masked slots first, real tokens last, so every row's next token goes at the same index.
         order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
         embeds = embeds.gather(1, order[..., None].expand_as(embeds))

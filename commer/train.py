@@ -37,7 +37,7 @@ from commer.config import ComMerConfig
 from commer.data.collate import Collator
 from commer.data.example import Example
 from commer.data.tasks import load_splits
-from commer.evaluate import autocast
+from commer.evaluate import autocast, nll_totals
 from commer.model import SoftPromptLM, build_model
 
 if TYPE_CHECKING:
@@ -367,17 +367,10 @@ class Trainer:
     @torch.no_grad()
     def _perplexity(self) -> float:
         """Token-weighted perplexity of the validation answers, each process scoring its share."""
-        acc, model = self.accelerator, self.model
-        model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=acc.device)  # summed NLL, answer tokens
+        acc = self.accelerator
         with acc.split_between_processes(self.val_examples) as share:
-            for start in range(0, len(share), self.cfg.micro_batch_size):
-                batch = self.collator(share[start : start + self.cfg.micro_batch_size]).to(model.device)
-                with autocast(model.device, self.cfg.bf16):
-                    nll, n = model.nll(batch)
-                total += torch.stack([nll.sum().double(), n.sum().double()]).to(acc.device)
-        model.train()
-        summed_nll, tokens = acc.reduce(total, "sum").tolist()
+            totals = nll_totals(self.model, self.collator, list(share), self.cfg.micro_batch_size, self.cfg.bf16)
+        summed_nll, tokens = acc.reduce(torch.tensor(totals, dtype=torch.float64, device=acc.device), "sum").tolist()
         return math.exp(summed_nll / max(tokens, 1))
 
     def _validate(self) -> bool:
