@@ -94,18 +94,22 @@ def quickstart(
             train=replace(train_cfg, max_steps=finetune_steps, eval_every=max(finetune_steps // 3, 1)),
         ),
     }
+    # LaMP-7 is read (and ranked by BM25) once: fine-tuning and the final evaluation use the same split
+    lamp7, split_info = load_splits("lamp7", data_dir, n_docs, seed)
     for name, config in stages.items():
         if not config.train.max_steps:
             continue
         typer.secho(f"\n== {name}: {config.train.max_steps} steps of {batch_size} examples", bold=True)
-        splits, _ = load_splits(config.data.task, data_dir, config.data.n_docs, seed)
+        if config.data.task == "lamp7":
+            splits = lamp7
+        else:
+            splits, _ = load_splits(config.data.task, data_dir, config.data.n_docs, seed)
         val = splits["validation"][: config.data.max_val_examples]
         Trainer(config, model, backbone.tokenizer, splits["train"], val).fit()
         load_trainable(model, Path(config.output_dir) / "best")
 
     typer.secho(f"\n== evaluation on {test_users} held-out LaMP-7 users (never seen in training)", bold=True)
-    splits, split_info = load_splits("lamp7", data_dir, n_docs, seed)
-    test = splits["test"][:test_users]
+    test = lamp7["test"][:test_users]
     collator = Collator(backbone.tokenizer, model.config, model.max_length)
     # another user's documents: each user gets the next user's, so the prompt is equally informative but not theirs
     variants = {
