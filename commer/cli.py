@@ -64,11 +64,12 @@ def demo(
 @app.command()
 def quickstart(
     output_dir: Path = typer.Option(Path("runs/quickstart"), help="Where checkpoints, logs and results go."),
+    task: str = typer.Option("lamp7", help="Fine-tune on 'lamp7' or on 'recall', the synthetic recall probe."),
     data_dir: str | None = typer.Option(None, help="The shared data folder (default ../shared/data)."),
     backbone: str = typer.Option("smollm2-135m"),
     k: int = typer.Option(8, help="Compression embeddings per document."),
     compression_norm: str = typer.Option("none", help="'embedding': rescale compressions to token-embedding norm."),
-    n_docs: int = typer.Option(2, help="Documents per user (top-n by BM25)."),
+    n_docs: int = typer.Option(2, help="Documents per user (LaMP-7: the top-n by BM25)."),
     pretrain_steps: int = typer.Option(20),
     finetune_steps: int = typer.Option(80),
     batch_size: int = typer.Option(8),
@@ -80,6 +81,7 @@ def quickstart(
 
     run_quickstart(
         output_dir,
+        task,
         data_dir,
         backbone,
         num_embeddings=k,

@@ -23,6 +23,7 @@ class Task(StrEnum):
     news = "news"
     perltqa = "perltqa"
     pretrain = "pretrain"
+    recall = "recall"
 
 
 # A callback keeps "stats" a named subcommand even while it is the only one.

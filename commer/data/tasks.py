@@ -10,15 +10,22 @@ from commer.data.lamp import load_lamp7
 from commer.data.news import load_news
 from commer.data.perltqa import load_perltqa
 from commer.data.pretrain import fineweb_pretrain
+from commer.data.recall import recall_examples
 from commer.data.splits import DEFAULT_FRACTIONS, MAX_EXAMPLE_CHARS, Loaded, SplitInfo, filter_by_length, split_users
 
-TASKS = ("lamp7", "news", "perltqa", "pretrain")
+TASKS = ("lamp7", "news", "perltqa", "pretrain", "recall")
 # n = the paper's largest for tweets, the middle of the sweeps elsewhere; for pretrain it is the most documents.
-DEFAULT_N_DOCS = {"lamp7": 8, "news": 4, "perltqa": 4, "pretrain": 8}
+DEFAULT_N_DOCS = {"lamp7": 8, "news": 4, "perltqa": 4, "pretrain": 8, "recall": 4}
+RECALL_USERS = 5000  # synthetic, so as many as a long run can use
 
 
 def _load_pretrain(data_dir: str | Path | None, n_docs: int, seed: int) -> Loaded:
     examples = list(fineweb_pretrain(data_dir, max_docs=n_docs, seed=seed))
+    return Loaded(examples, profile_sizes={e.user_id: len(e.documents) for e in examples})
+
+
+def _load_recall(data_dir: str | Path | None, n_docs: int, seed: int) -> Loaded:
+    examples = recall_examples(RECALL_USERS, n_docs, seed)  # made in code: there is no data directory to read
     return Loaded(examples, profile_sizes={e.user_id: len(e.documents) for e in examples})
 
 
@@ -27,6 +34,7 @@ LOADERS: dict[str, Callable[[str | Path | None, int, int], Loaded]] = {
     "news": lambda data_dir, n, seed: load_news(data_dir, n),
     "perltqa": load_perltqa,
     "pretrain": _load_pretrain,
+    "recall": _load_recall,
 }
 
 
