@@ -114,8 +114,8 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         # save_pretrained refuses a GGUF-loaded model as "quantized", although its weights are now plain floats, so
         # write what it would: a tied output head is left out (loaders tie it back to the input embeddings; vLLM
         # would otherwise keep the head and never load its embedding table).
-        tied = model.config.tie_word_embeddings and "lm_head.weight"
-        state = {name: t.contiguous() for name, t in model.state_dict().items() if name != tied}
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        state = {name: t.contiguous() for name, t in model.state_dict().items() if name not in tied}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)

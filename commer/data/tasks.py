@@ -19,13 +19,7 @@ DEFAULT_N_DOCS = {"lamp7": 8, "news": 4, "perltqa": 4, "pretrain": 8, "recall": 
 RECALL_USERS = 5000  # synthetic, so as many as a long run can use
 
 
-def _load_pretrain(data_dir: str | Path | None, n_docs: int, seed: int) -> Loaded:
-    examples = list(fineweb_pretrain(data_dir, max_docs=n_docs, seed=seed))
-    return Loaded(examples, profile_sizes={e.user_id: len(e.documents) for e in examples})
-
-
-def _load_recall(data_dir: str | Path | None, n_docs: int, seed: int) -> Loaded:
-    examples = recall_examples(RECALL_USERS, n_docs, seed)  # made in code: there is no data directory to read
+def _one_example_per_user(examples: list[Example]) -> Loaded:
     return Loaded(examples, profile_sizes={e.user_id: len(e.documents) for e in examples})
 
 
@@ -33,8 +27,11 @@ LOADERS: dict[str, Callable[[str | Path | None, int, int], Loaded]] = {
     "lamp7": lambda data_dir, n, seed: load_lamp7(data_dir, n),
     "news": lambda data_dir, n, seed: load_news(data_dir, n),
     "perltqa": load_perltqa,
-    "pretrain": _load_pretrain,
-    "recall": _load_recall,
+    "pretrain": lambda data_dir, n, seed: _one_example_per_user(
+        list(fineweb_pretrain(data_dir, max_docs=n, seed=seed))
+    ),
+    # made in code: there is no data directory to read
+    "recall": lambda data_dir, n, seed: _one_example_per_user(recall_examples(RECALL_USERS, n, seed)),
 }
 
 
