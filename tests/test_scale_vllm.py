@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -142,7 +143,7 @@ def _vllm_python() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def vllm_url(tmp_path_factory) -> str:
+def vllm_url(tmp_path_factory) -> Iterator[str]:
     """A real ``vllm serve`` of the embedded SmolLM2 with prompt embeddings enabled, in float32 as commer decodes."""
     python = _vllm_python()
     if python is None:
