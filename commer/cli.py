@@ -76,7 +76,7 @@ def quickstart(
     lr_lora: float = typer.Option(1e-4, help="LoRA learning rate (the paper's 1e-4 by default)."),
     test_users: int = typer.Option(64),
 ) -> None:
-    """Pretrain, fine-tune on LaMP-7 and show on held-out users whether their documents help (~15 min on 2 CPUs)."""
+    """Pretrain, fine-tune on LaMP-7 (or the recall probe), show on held-out users whether documents help (~15 min)."""
     from commer.quickstart import quickstart as run_quickstart
 
     run_quickstart(
