@@ -46,6 +46,11 @@ class Personalizer:
         """``(K, D)`` of one compression."""
         return tuple(self.model.compression_embeddings.shape)
 
+    def check_profile(self, profile: ProfileState | None) -> None:
+        """Refuse a profile built by a model of another shape (``None``, no documents, always fits)."""
+        if profile is not None and profile.shape != self.shape:
+            raise ValueError(f"a profile of shape {profile.shape} does not fit this model's {self.shape}")
+
     @torch.no_grad()
     def compress(self, documents: Sequence[str], batch_size: int = 16) -> torch.Tensor:
         """``(n, K, D)`` compressions of ``documents`` (float32, on the CPU), in batches of similar lengths."""
@@ -102,8 +107,7 @@ class Personalizer:
         if not instructions:
             return
         for profile in profiles:
-            if profile is not None and profile.shape != self.shape:
-                raise ValueError(f"a profile of shape {profile.shape} does not fit this model's {self.shape}")
+            self.check_profile(profile)
         device = self.model.device
         dtype = self.model.lm.get_input_embeddings().weight.dtype
         prefix, prefix_mask = stack_profiles(list(profiles), *self.shape, dtype=dtype, device=device)

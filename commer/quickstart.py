@@ -23,7 +23,7 @@ from commer.config import ComMerConfig
 from commer.data.collate import Collator
 from commer.data.example import Example
 from commer.data.tasks import load_splits
-from commer.evaluate import generate, perplexity
+from commer.evaluate import copy_input, generate, perplexity
 from commer.model import ComMer
 from commer.train import DataConfig, RunConfig, TrainConfig, Trainer
 
@@ -141,10 +141,8 @@ def quickstart(
     typer.secho("\n== personalized answers (greedy)", bold=True)
     samples = []
     for ex, answer, base in zip(shown, answers, plain, strict=True):
-        request = ex.instruction.split(":", 1)[-1].strip()  # LaMP-7: only the tweet after the fixed instruction
-        typer.echo(
-            f"request     : {request}\ngold (user) : {ex.answer}\nComMer      : {answer}\nno documents: {base}\n"
-        )
+        typer.echo(f"request     : {copy_input(ex.instruction)}\ngold (user) : {ex.answer}")
+        typer.echo(f"ComMer      : {answer}\nno documents: {base}\n")
         samples.append({"input": ex.instruction, "gold": ex.answer, "commer": answer, "no_documents": base})
 
     minutes = (time.perf_counter() - start) / 60

@@ -41,8 +41,7 @@ class VLLMError(RuntimeError):
 def prompt_embeds(personalizer: Personalizer, profile: ProfileState | None, instruction: str) -> torch.Tensor:
     """``(K + L, D)`` (``(L, D)`` for a profile without documents), in the backbone's dtype, on the CPU: the profile's
     mean followed by the embedded prompt tokens, as commer's own generator reads them."""
-    if profile is not None and profile.shape != personalizer.shape:
-        raise ValueError(f"a profile of shape {profile.shape} does not fit this model's {personalizer.shape}")
+    personalizer.check_profile(profile)
     model = personalizer.model
     dtype = model.lm.get_input_embeddings().weight.dtype
     ids = torch.tensor(personalizer.collator.encode_prompt(instruction), device=model.device)
