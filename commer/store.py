@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -93,6 +94,10 @@ class DocumentConflictError(StoreError, ValueError):
     """A document id is already used by a document with a different text."""
 
 
+class CorruptProfileError(StoreError):
+    """A stored profile or compression cannot be read back (a damaged row)."""
+
+
 class StaleProfileError(StoreError):
     """The profile's vectors were computed by another model than the one this store was opened with."""
 
@@ -114,6 +119,16 @@ class DocumentInfo:
     chars: int
     fingerprint: str
     added_at: float
+
+
+@dataclass(frozen=True)
+class AddedDocuments:
+    """What one ``insert_documents`` did: every document's id (input order), the ids it stored (the others were
+    already there) and the profile's count after it."""
+
+    ids: list[str]
+    added: list[str]
+    count: int
 
 
 @dataclass(frozen=True)
@@ -195,8 +210,14 @@ class ProfileStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _vector(self, data: bytes) -> torch.Tensor:
-        return torch.from_numpy(np.frombuffer(data, dtype="<f4").reshape(self.shape).copy())
+    def _vector(self, data: bytes, tenant: str, user: str) -> torch.Tensor:
+        try:
+            return torch.from_numpy(np.frombuffer(data, dtype="<f4").reshape(self.shape).copy())
+        except ValueError as err:
+            raise CorruptProfileError(
+                f"a stored compression of user {user!r} (tenant {tenant!r}) is damaged ({len(data)} bytes, expected "
+                f"{4 * self.shape[0] * self.shape[1]}): delete the user and add the documents again"
+            ) from err
 
     def _profile_row(self, tenant: str, user: str) -> tuple[int, bytes, str, float]:
         row = self._conn.execute(
@@ -210,9 +231,17 @@ class ProfileStore:
         count, blob, fingerprint, _ = self._profile_row(tenant, user)
         if fingerprint != self.fingerprint:
             raise StaleProfileError(tenant, user, fingerprint, self.fingerprint)
-        state = ProfileState.from_bytes(blob)
+        try:
+            state = ProfileState.from_bytes(blob)
+        except (struct.error, ValueError) as err:
+            raise CorruptProfileError(
+                f"the stored profile of user {user!r} (tenant {tenant!r}) is damaged ({err}): delete the user and add "
+                "the documents again"
+            ) from err
         if state.shape != self.shape or state.count != count:
-            raise StoreError(f"profile of user {user!r} (tenant {tenant!r}) is corrupt: header disagrees with row")
+            raise CorruptProfileError(
+                f"profile of user {user!r} (tenant {tenant!r}) is corrupt: header disagrees with row"
+            )
         return state
 
     def _put_state(self, tenant: str, user: str, state: ProfileState, fingerprint: str | None = None) -> None:
@@ -239,6 +268,18 @@ class ProfileStore:
         ``DocumentConflictError`` and nothing is written. Returns the ids, in input order.
         Cost: O(n) lookups by primary key and one profile row update, independent of the profile's size.
         """
+        return self.insert_documents(tenant, user, texts, compressions, ids).ids
+
+    def insert_documents(
+        self,
+        tenant: str,
+        user: str,
+        texts: Sequence[str],
+        compressions: torch.Tensor,
+        ids: Sequence[str | None] | None = None,
+    ) -> AddedDocuments:
+        """``add_documents``, also reporting which documents this call stored: of two identical adds racing, one
+        stores the document and the other finds it there."""
         ids = list(ids) if ids is not None else [None] * len(texts)
         if len(texts) != len(ids) or compressions.shape[0] != len(texts):
             raise ValueError(f"{len(texts)} texts, {len(ids)} ids and {compressions.shape[0]} compressions")
@@ -247,6 +288,7 @@ class ProfileStore:
         hashes = [text_hash(t) for t in texts]
         doc_ids = [i if i is not None else h for i, h in zip(ids, hashes, strict=True)]
         vectors = compressions.detach().to("cpu", torch.float32).numpy().astype("<f4", copy=False)
+        added: list[str] = []
         with self._write() as conn:
             try:
                 state = self._fresh_state(tenant, user)
@@ -275,8 +317,9 @@ class ProfileStore:
                     (tenant, user, doc_id, digest, text, vector.tobytes(), self.fingerprint, now),
                 )
                 state.add(torch.from_numpy(vector))
+                added.append(doc_id)
             self._put_state(tenant, user, state)
-        return doc_ids
+        return AddedDocuments(doc_ids, added, state.count)
 
     def import_profile(self, tenant: str, user: str, state: ProfileState) -> None:
         """Set a profile to a sum and count computed elsewhere (``commer compress-corpus`` without per-document
@@ -307,7 +350,7 @@ class ProfileStore:
             ).fetchone()
             if row is None:
                 raise UnknownDocumentError(tenant, user, doc_id)
-            state.remove(self._vector(row[0]))
+            state.remove(self._vector(row[0], tenant, user))
             conn.execute("DELETE FROM documents WHERE tenant = ? AND user = ? AND doc_id = ?", (tenant, user, doc_id))
             self._put_state(tenant, user, state)
         return state.count
@@ -405,7 +448,7 @@ class ProfileStore:
             return None
         total = torch.zeros(self.shape, dtype=torch.float64)
         for (blob,) in rows:
-            total += self._vector(blob).double()
+            total += self._vector(blob, tenant, user).double()
         return (total / len(rows)).float()
 
     def stale_users(self) -> list[tuple[str, str]]:

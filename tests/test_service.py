@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 import httpx
 import pytest
 import typer
-from _server import Server, auth, save_tiny_model
+from _server import Server, add_documents, auth, metric, save_tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -49,10 +48,6 @@ def personalizer(server) -> Personalizer:
     return Personalizer.from_checkpoint(server.checkpoint_dir, load_backbone(str(server.backbone_dir)))
 
 
-def _add(client: httpx.Client, user: str, texts: list[str], **kw) -> httpx.Response:
-    return client.post(f"/v1/users/{user}/documents", json={"documents": [{"text": t} for t in texts]}, **kw)
-
-
 def _events(body: str) -> list[tuple[str, dict]]:
     out = []
     for block in body.strip().split("\n\n"):
@@ -62,7 +57,7 @@ def _events(body: str) -> list[tuple[str, dict]]:
 
 
 def test_profile_lifecycle(client):
-    r = _add(client, "dave", ["i love running", "jazz music"])
+    r = add_documents(client, "dave", ["i love running", "jazz music"])
     assert r.status_code == 200, r.text
     assert r.json()["ids"] == [text_hash("i love running"), text_hash("jazz music")]
     assert r.json()["count"] == 2
@@ -90,7 +85,7 @@ def test_profile_lifecycle(client):
 
 def test_generate_matches_the_model(client, personalizer):
     for user, docs in DOCS.items():
-        assert _add(client, user, docs).status_code == 200
+        assert add_documents(client, user, docs).status_code == 200
     for user, docs in DOCS.items():
         [expected] = personalizer.generate([personalizer.profile(docs)], [INSTRUCTION], max_new_tokens=8)
         r = client.post(f"/v1/users/{user}/generate", json={"instruction": INSTRUCTION, "max_new_tokens": 8})
@@ -100,7 +95,7 @@ def test_generate_matches_the_model(client, personalizer):
 
 
 def test_generate_streams_deltas_then_done(client):
-    _add(client, "erin", DOCS["alice"])
+    add_documents(client, "erin", DOCS["alice"])
     r = client.post("/v1/users/erin/generate", json={"instruction": INSTRUCTION, "max_new_tokens": 6, "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = _events(r.text)
@@ -111,46 +106,14 @@ def test_generate_streams_deltas_then_done(client):
     assert plain["text"] == done["text"] and plain["tokens"] == done["tokens"]
 
 
-def test_concurrent_users_are_batched_and_answer_as_alone(client, server):
-    users = [f"batch-{i}" for i in range(8)]
-    for i, user in enumerate(users):
-        _add(client, user, [DOCS["alice"][i % 3], DOCS["bob"][i % 2]])
-    lengths = [3 + i for i in range(len(users))]  # rows of one batch stop at their own max_new_tokens
-
-    def ask(i: int) -> dict:
-        body = {"instruction": INSTRUCTION, "max_new_tokens": lengths[i]}
-        with httpx.Client(base_url=server.url, headers=auth(), timeout=60) as c:
-            r = c.post(f"/v1/users/{users[i]}/generate", json=body)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def batches_over_one() -> float:
-        metrics = client.get("/metrics").text
-        total = _metric(metrics, "commer_generate_batch_size_count")
-        return total - _metric(metrics, 'commer_generate_batch_size_bucket{le="1.0"}')
-
-    before = batches_over_one()
-    with ThreadPoolExecutor(len(users)) as pool:
-        together = list(pool.map(ask, range(len(users))))
-    assert batches_over_one() > before  # at least one forward pass served several users
-    alone = [ask(i) for i in range(len(users))]
-    for t, a, n in zip(together, alone, lengths, strict=True):
-        assert t["text"] == a["text"]
-        assert t["tokens"] == a["tokens"] <= n
-
-
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
 def test_tenants_are_isolated(server, client):
-    _add(client, "shared", ["i love running"])
+    add_documents(client, "shared", ["i love running"])
     with httpx.Client(base_url=server.url, headers={"X-API-Key": "key-globex"}, timeout=60) as globex:
         assert globex.get("/v1/users/shared").status_code == 404
         assert globex.delete(f"/v1/users/shared/documents/{text_hash('i love running')}").status_code == 404
         assert globex.post("/v1/users/shared/generate", json={"instruction": "hi"}).status_code == 404
         assert globex.delete("/v1/users/shared").status_code == 404
-        assert _add(globex, "shared", ["jazz music", "coffee"]).json()["count"] == 2
+        assert add_documents(globex, "shared", ["jazz music", "coffee"]).json()["count"] == 2
         assert globex.get("/v1/users/shared").json()["count"] == 2
     assert client.get("/v1/users/shared").json()["count"] == 1  # untouched by the other tenant
     # a second key of the same tenant sees the same users
@@ -196,14 +159,14 @@ def test_missing_or_wrong_key_is_401(server, headers):
     ],
 )
 def test_bad_input_is_a_clear_4xx(client, path, body, status, message):
-    _add(client, "limits", ["i love running"])
+    add_documents(client, "limits", ["i love running"])
     r = client.post(f"/v1/users/limits/{path}", json=body)
     assert r.status_code == status, r.text
     assert message in json.dumps(r.json()), r.text
 
 
 def test_malformed_bodies(client):
-    _add(client, "limits", ["i love running"])
+    add_documents(client, "limits", ["i love running"])
     headers = {"content-type": "application/json"}
     for raw in [b"{bad json", b"", b"\xff\xfe", b'{"instruction": NaN}', b'{"documents": [{"text": "\\ud800"}]}']:
         for path in ("documents", "generate"):
@@ -219,16 +182,16 @@ def test_malformed_bodies(client):
 def test_health_and_metrics(server, client):
     health = httpx.get(server.url + "/healthz").json()
     assert health["status"] == "ok" and health["shape"] == [4, 64]
-    _add(client, "metered", ["coffee and tea"])
+    add_documents(client, "metered", ["coffee and tea"])
     client.post("/v1/users/metered/generate", json={"instruction": "hi", "max_new_tokens": 2})
     metrics = httpx.get(server.url + "/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
     assert 'commer_http_requests_total{method="POST",route="/v1/users/{user}/generate",status="200"}' in text
     assert "commer_http_request_duration_seconds_bucket" in text
-    assert _metric(text, "commer_documents_added_total") >= 1
-    assert _metric(text, "commer_generate_batch_size_count") >= 1
-    assert _metric(text, "commer_generated_tokens_total") >= 1
+    assert metric(text, "commer_documents_added_total") >= 1
+    assert metric(text, "commer_generate_batch_size_count") >= 1
+    assert metric(text, "commer_generated_tokens_total") >= 1
 
 
 # -- fuzzing: whatever the body or path, the answer is never a 5xx ------------------------------------------------
@@ -291,7 +254,7 @@ def _dumps(body: object) -> bytes:
 
 def test_server_survived_the_fuzzing(server, client):
     assert httpx.get(server.url + "/healthz").status_code == 200
-    assert _add(client, "after-fuzz", ["i love running"]).status_code == 200
+    assert add_documents(client, "after-fuzz", ["i love running"]).status_code == 200
     r = client.post("/v1/users/after-fuzz/generate", json={"instruction": "hi", "max_new_tokens": 2})
     assert r.status_code == 200
 

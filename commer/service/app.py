@@ -1,7 +1,9 @@
 """The HTTP API: profiles of many tenants' users, and personalized generation, batched across users.
 
 Every ``/v1`` request carries an API key (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``) that names its tenant;
-a tenant sees only its own users (another tenant's user is a 404, exactly like a user that does not exist).
+a tenant sees only its own users (another tenant's user is a 404, exactly like a user that does not exist). The key is
+checked before any of the body is read. Model work waits in a bounded queue, served round-robin across tenants: a
+request it cannot take is a 429 with ``Retry-After``.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations, and the request models are
@@ -14,24 +16,32 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from commer.checkpoint import model_fingerprint
 from commer.model import DocumentTooLongError
 from commer.pipeline import Personalizer
-from commer.service.batcher import BatchStats, GenerationJob, ModelWorker, PromptTooLongError
+from commer.service.batcher import (
+    BatchStats,
+    GenerationJob,
+    ModelWorker,
+    QueueFullError,
+    RejectedGenerationError,
+    check_sampling,
+)
+from commer.service.limits import ServiceLimits
 from commer.store import (
+    CorruptProfileError,
     DocumentConflictError,
     ProfileStore,
     StaleProfileError,
@@ -48,19 +58,10 @@ log = logging.getLogger("commer.service")
 # User and document ids travel in URL paths: a conservative alphabet keeps them unambiguous there.
 ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.@:+-]*$"
 MAX_ID_CHARS = 128
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    """Bounds on requests; anything beyond them is a 4xx with a message, never a 500."""
-
-    max_document_chars: int = 20_000
-    max_documents_per_request: int = 64
-    max_new_tokens: int = 256
-    max_instruction_chars: int = 4_000
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_batch_size: int = 16
-    batch_wait_ms: float = 5.0
+# Metric labels come from fixed sets: a client's made-up method must not create a time series.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+RETRY_AFTER_S = 1
+UNAUTHORIZED = "missing or invalid API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
 
 
 class RejectedDocumentError(ValueError):
@@ -103,11 +104,20 @@ class _Metrics:
 
 
 class _Guard:
-    """ASGI middleware: refuse bodies over the limit (413) before anything parses them, and record each request's
-    status and latency under its route template (not the raw path, which would explode the label space)."""
+    """ASGI middleware: refuse a ``/v1`` request without a valid API key (401) before reading its body, and a body
+    over the limit (413) before anything parses it; record each request's status and latency under its method (if a
+    known one) and route template (not the raw path, which would explode the label space)."""
 
-    def __init__(self, app: ASGIApp, metrics: _Metrics, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: _Metrics,
+        max_body_bytes: int,
+        keys: Sequence[tuple[bytes, str]],
+        routes: Sequence[BaseRoute],
+    ) -> None:
         self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+        self.keys, self.routes = keys, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -123,6 +133,13 @@ class _Guard:
             await send(message)
 
         try:
+            if scope["path"] == "/v1" or scope["path"].startswith("/v1/"):
+                tenant = self._tenant(scope)
+                if tenant is None:
+                    status = 401
+                    await _send_json(send, 401, {"detail": UNAUTHORIZED}, [(b"www-authenticate", b"Bearer")])
+                    return
+                scope.setdefault("state", {})["tenant"] = tenant
             replay = await self._buffer_body(scope, receive)
             if replay is None:
                 status = 413
@@ -130,9 +147,31 @@ class _Guard:
                 return
             await self.app(scope, replay, send_wrapper)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            route = self._route(scope)
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
+
+    def _tenant(self, scope: Scope) -> str | None:
+        """The tenant of the request's API key, if it is one."""
+        headers = dict(scope["headers"])
+        scheme, _, credentials = headers.get(b"authorization", b"").partition(b" ")
+        given = credentials.strip() if scheme.lower() == b"bearer" else headers.get(b"x-api-key", b"")
+        if not given:
+            return None
+        # Compare against every key in constant time: no timing hint of how much of a key was right.
+        found = [t for k, t in self.keys if hmac.compare_digest(k, given)]
+        return found[0] if found else None
+
+    def _route(self, scope: Scope) -> str:
+        """The route template: the one routing chose, else the first that matches (a request refused before
+        routing), else ``unmatched``."""
+        if (route := scope.get("route")) is not None:
+            return route.path
+        for candidate in self.routes:
+            if candidate.matches(scope)[0] != Match.NONE:
+                return getattr(candidate, "path", "unmatched")
+        return "unmatched"
 
     async def _buffer_body(self, scope: Scope, receive: Receive) -> Receive | None:
         """Read the body up to the limit and return a ``receive`` that replays it; ``None`` when it is too big."""
@@ -165,9 +204,11 @@ class _Guard:
         return replay
 
 
-async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+async def _send_json(
+    send: Send, status: int, payload: dict[str, Any], extra_headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     body = json.dumps(payload).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -226,7 +267,15 @@ def create_app(
         raise ValueError(f"the store serves model {store.fingerprint}, the personalizer is model {fingerprint}")
     keys = [(k.encode(), t) for k, t in api_keys.items()]
     metrics = _Metrics()
-    worker = ModelWorker(personalizer, limits.max_batch_size, limits.batch_wait_ms, on_batch=metrics.on_batch)
+    worker = ModelWorker(
+        personalizer,
+        limits.max_batch_size,
+        limits.batch_wait_ms,
+        on_batch=metrics.on_batch,
+        max_queued=limits.max_queued,
+        max_queued_per_tenant=limits.max_queued_per_tenant,
+        max_active_batches=limits.max_active_batches,
+    )
     metrics.queue_depth.set_function(lambda: worker.queue_depth)
     k, d = personalizer.shape
 
@@ -243,7 +292,9 @@ def create_app(
                 await generator.aclose()
 
     app = FastAPI(title="commer", summary="Personalized generation from compressed user documents", lifespan=lifespan)
-    app.add_middleware(_Guard, metrics=metrics, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(
+        _Guard, metrics=metrics, max_body_bytes=limits.max_body_bytes, keys=keys, routes=app.router.routes
+    )
     app.state.worker, app.state.store, app.state.metrics = worker, store, metrics
 
     # -- errors -> status codes -------------------------------------------------------------------------------------
@@ -273,37 +324,26 @@ def create_app(
         (DocumentConflictError, 409),
         (StaleProfileError, 409),
         (RejectedDocumentError, 422),
-        (PromptTooLongError, 422),
+        (RejectedGenerationError, 422),
+        (CorruptProfileError, 500),  # the server's data, not the request, is at fault: said plainly
     ]:
         app.add_exception_handler(exc, _error(status))
 
-    # -- auth -------------------------------------------------------------------------------------------------------
-    bearer = HTTPBearer(auto_error=False)
-    header_key = APIKeyHeader(name="X-API-Key", auto_error=False)
+    async def queue_full(_: Request, err: QueueFullError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"{err}: retry later"}, status_code=429, headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
 
-    def tenant(
-        credentials: HTTPAuthorizationCredentials | None = Depends(bearer), key: str | None = Depends(header_key)
-    ) -> str:
-        given = credentials.credentials if credentials is not None else key
-        if given:
-            # Compare against every key in constant time: no timing hint of how much of a key was right.
-            found = [t for k, t in keys if hmac.compare_digest(k, given.encode("utf-8", "replace"))]
-            if found:
-                return found[0]
-        raise _Unauthorized()
+    app.add_exception_handler(QueueFullError, queue_full)
 
-    app.add_exception_handler(
-        _Unauthorized,
-        lambda _r, _e: JSONResponse(
-            {"detail": "missing or invalid API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        ),
-    )
+    def tenant(request: Request) -> str:
+        """The tenant ``_Guard`` found for the request's API key."""
+        return request.state.tenant
 
     # -- request bodies ---------------------------------------------------------------------------------------------
+    # strict: "3" is not a number, "yes" not a boolean.
     class DocumentIn(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
         text: str = Field(min_length=1, max_length=limits.max_document_chars, description="The document's text.")
         id: str | None = Field(
             None, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN, description="Default: SHA-256 of text."
@@ -321,11 +361,11 @@ def create_app(
             return text
 
     class AddDocuments(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
         documents: list[DocumentIn] = Field(min_length=1, max_length=limits.max_documents_per_request)
 
     class GenerateIn(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
         instruction: str = Field(min_length=1, max_length=limits.max_instruction_chars)
         max_new_tokens: int = Field(32, ge=1, le=limits.max_new_tokens)
         temperature: float = Field(0.0, ge=0.0, le=10.0, allow_inf_nan=False)
@@ -342,6 +382,11 @@ def create_app(
             except UnicodeEncodeError as err:
                 raise ValueError("instruction is not valid Unicode (lone surrogate)") from err
             return text
+
+        @model_validator(mode="after")
+        def _sampling(self) -> "GenerateIn":
+            check_sampling(self.temperature, self.top_p)  # as the model will see them: in float32
+            return self
 
     UserId = Path(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
     DocId = Path(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
@@ -367,17 +412,17 @@ def create_app(
         if chosen:
             labels = [f"document {i} ({ids[i] or 'sha256 ' + text_hash(texts[i])[:12]})" for i in new]
             compressions = await asyncio.wrap_future(
-                worker.submit(lambda: _check_documents(personalizer, chosen, labels))
+                worker.submit(lambda: _check_documents(personalizer, chosen, labels), tenant)
             )
         else:
             compressions = torch.empty(0, k, d)
-        doc_ids = await run_in_threadpool(
-            store.add_documents, tenant, user, chosen, compressions, [ids[i] for i in new]
+        # A concurrent identical add may have stored some of them meanwhile: "added" is what this request stored.
+        done = await run_in_threadpool(
+            store.insert_documents, tenant, user, chosen, compressions, [ids[i] for i in new]
         )
-        metrics.documents_added.inc(len(chosen))
+        metrics.documents_added.inc(len(done.added))
         all_ids = [i if i is not None else text_hash(t) for i, t in zip(ids, texts, strict=True)]
-        info = await run_in_threadpool(store.user_info, tenant, user)
-        return {"user": user, "ids": all_ids, "added": doc_ids, "count": info.count}
+        return {"user": user, "ids": all_ids, "added": done.added, "count": done.count}
 
     @app.get("/v1/users/{user}")
     async def get_user(user: str = UserId, tenant: str = Depends(tenant)) -> dict[str, Any]:
@@ -417,7 +462,7 @@ def create_app(
         then one ``done`` event with the whole answer."""
         profile = await run_in_threadpool(store.get_profile, tenant, user)
         if generator is not None:
-            return await _generate_vllm(body, user, profile if profile.count else None)
+            return await _generate_vllm(body, user, tenant, profile if profile.count else None)
         job = GenerationJob(
             profile=profile if profile.count else None,
             instruction=body.instruction,
@@ -425,6 +470,7 @@ def create_app(
             temperature=body.temperature,
             top_p=body.top_p,
             loop=asyncio.get_running_loop(),
+            tenant=tenant,
         )
         started = time.perf_counter()
         worker.generate(job)
@@ -472,7 +518,7 @@ def create_app(
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _generate_vllm(body: Any, user: str, profile: Any) -> dict[str, Any] | StreamingResponse:
+    async def _generate_vllm(body: Any, user: str, tenant: str, profile: Any) -> dict[str, Any] | StreamingResponse:
         """``generate`` on the vLLM server: the request's embeddings are built on the model worker (it tokenizes)."""
         from commer.scale.vllm import Completion, completion_request
 
@@ -488,7 +534,7 @@ def create_app(
             )
 
         started = time.perf_counter()
-        request_body = await asyncio.wrap_future(worker.submit(request))
+        request_body = await asyncio.wrap_future(worker.submit(request, tenant))
 
         def final(done: Completion) -> dict[str, Any]:
             metrics.tokens.inc(done.tokens)
@@ -517,10 +563,6 @@ def create_app(
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
-
-
-class _Unauthorized(Exception):
-    pass
 
 
 def _sse(event: str, data: dict[str, Any]) -> str:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+
+from commer.service.limits import ServiceLimits
 
 if TYPE_CHECKING:
     from commer.pipeline import Personalizer
@@ -28,6 +31,7 @@ _BACKBONE = typer.Option("smollm2-135m", help="Backbone: 'smollm2-135m', a model
 _K = typer.Option(16, "--k", help="K, compression embeddings per document (untrained model only).")
 _DB = typer.Option(DEFAULT_DB, help="SQLite database of the profiles.")
 _TENANT = typer.Option("default", help="Tenant the user belongs to.")
+_LIMITS = ServiceLimits()
 
 
 def load_personalizer(checkpoint: Path | None, backbone: str, num_embeddings: int = 16) -> Personalizer:
@@ -39,9 +43,9 @@ def load_personalizer(checkpoint: Path | None, backbone: str, num_embeddings: in
     from commer.config import ComMerConfig
     from commer.pipeline import Personalizer
 
-    bb = load_backbone(backbone)
+    bb = _or_exit(load_backbone, backbone)
     if checkpoint is not None:
-        return Personalizer.from_checkpoint(checkpoint, bb)
+        return _or_exit(Personalizer.from_checkpoint, checkpoint, bb)
     typer.secho(
         "warning: no --checkpoint: serving an UNTRAINED compressor; answers show the mechanics, not quality",
         fg=typer.colors.YELLOW,
@@ -56,7 +60,7 @@ def open_store(db: Path, personalizer: Personalizer) -> ProfileStore:
     from commer.checkpoint import model_fingerprint
     from commer.store import ProfileStore
 
-    return ProfileStore(db, model_fingerprint(personalizer.model), personalizer.shape)
+    return _or_exit(ProfileStore, db, model_fingerprint(personalizer.model), personalizer.shape)
 
 
 def read_api_keys(path: Path | None) -> dict[str, str]:
@@ -85,10 +89,31 @@ def serve(
     db: Path = _DB,
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="TCP port."),
-    api_keys: Path | None = typer.Option(None, help='JSON file {"API key": "tenant"} (default: $COMMER_API_KEYS).'),
-    max_batch_size: int = typer.Option(16, min=1, help="Most generations decoded together."),
-    batch_wait_ms: float = typer.Option(5.0, min=0.0, help="How long a generation waits for others to batch with."),
-    max_new_tokens: int = typer.Option(256, min=1, help="Largest max_new_tokens a request may ask for."),
+    api_keys: Path | None = typer.Option(
+        None, exists=True, dir_okay=False, help='JSON file {"API key": "tenant"} (default: $COMMER_API_KEYS).'
+    ),
+    max_batch_size: int = typer.Option(_LIMITS.max_batch_size, min=1, help="Most generations decoded together."),
+    batch_wait_ms: float = typer.Option(
+        _LIMITS.batch_wait_ms, min=0.0, help="How long a generation waits for others to batch with."
+    ),
+    max_new_tokens: int = typer.Option(_LIMITS.max_new_tokens, min=1, help="Largest max_new_tokens a request may ask."),
+    max_document_chars: int = typer.Option(_LIMITS.max_document_chars, min=1, help="Longest document, in characters."),
+    max_documents_per_request: int = typer.Option(
+        _LIMITS.max_documents_per_request, min=1, help="Most documents one request may add."
+    ),
+    max_instruction_chars: int = typer.Option(
+        _LIMITS.max_instruction_chars, min=1, help="Longest instruction, in characters."
+    ),
+    max_body_bytes: int = typer.Option(_LIMITS.max_body_bytes, min=1, help="Largest request body (413 past it)."),
+    max_queued: int = typer.Option(
+        _LIMITS.max_queued, min=1, help="Most jobs waiting for the model, all tenants together (429 past it)."
+    ),
+    max_queued_per_tenant: int = typer.Option(
+        _LIMITS.max_queued_per_tenant, min=1, help="Most jobs of one tenant waiting for the model (429 past it)."
+    ),
+    max_active_batches: int = typer.Option(
+        _LIMITS.max_active_batches, min=1, help="Most batches decoding at once (their steps interleaved)."
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     generator: str = typer.Option("local", help="Who decodes: 'local' (this process) or 'vllm' (a vLLM server)."),
     vllm_url: str | None = typer.Option(None, help="The vLLM server (started with --enable-prompt-embeds)."),
@@ -97,7 +122,7 @@ def serve(
     """Serve the HTTP API (profiles, batched personalized generation, /metrics)."""
     import uvicorn
 
-    from commer.service.app import ServiceLimits, create_app
+    from commer.service.app import create_app
 
     if generator not in ("local", "vllm"):
         raise typer.BadParameter(f"--generator must be 'local' or 'vllm', got {generator!r}")
@@ -106,7 +131,18 @@ def serve(
     keys = read_api_keys(api_keys)
     personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
     store = open_store(db, personalizer)
-    limits = ServiceLimits(max_new_tokens=max_new_tokens, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+    limits = ServiceLimits(
+        max_document_chars=max_document_chars,
+        max_documents_per_request=max_documents_per_request,
+        max_new_tokens=max_new_tokens,
+        max_instruction_chars=max_instruction_chars,
+        max_body_bytes=max_body_bytes,
+        max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms,
+        max_queued=max_queued,
+        max_queued_per_tenant=max_queued_per_tenant,
+        max_active_batches=max_active_batches,
+    )
     remote = None
     if generator == "vllm":
         from commer.scale.vllm import VLLMGenerator
@@ -229,12 +265,13 @@ def profile_rebuild(
 
 
 def _or_exit(fn, *args):  # noqa: ANN001, ANN202 - a thin wrapper
-    """Run a store operation; a known error becomes a one-line message and exit status 1, not a traceback."""
+    """Run a model or store operation; a known error (a bad checkpoint, backbone or database path, a store error)
+    becomes a one-line message and exit status 1, not a traceback."""
     from commer.store import StoreError
 
     try:
         return fn(*args)
-    except (StoreError, ValueError) as err:
+    except (StoreError, ValueError, OSError, sqlite3.Error) as err:
         typer.secho(f"error: {err}", err=True, fg="red")
         raise typer.Exit(1) from err
 
