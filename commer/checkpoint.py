@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from commer import __version__
@@ -19,6 +20,10 @@ from commer.model import SoftPromptLM, build_model
 WEIGHTS = "trainable.safetensors"
 META = "commer.json"
 FORMAT_VERSION = 1
+# The compressor pretrained by this project for the embedded backbone, shipped inside the package (MODEL_CARD.md beside
+# it); "pretrained" names it wherever a checkpoint path is taken. On other weights it fails the backbone check.
+PRETRAINED = "pretrained"
+PRETRAINED_PATH = Path(__file__).parent / "pretrained" / "smollm2-135m"
 
 
 class CheckpointError(ValueError):
@@ -55,17 +60,29 @@ def save_checkpoint(model: SoftPromptLM, path: str | Path, extra: dict[str, Any]
     return path
 
 
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """A checkpoint folder: ``spec`` itself, or the shipped compressor for ``"pretrained"``."""
+    return PRETRAINED_PATH if str(spec) == PRETRAINED else Path(spec)
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The JSON half of a checkpoint."""
-    path = Path(path)
+    """The JSON half of a checkpoint (``path`` may be ``"pretrained"``)."""
+    path = resolve_checkpoint(path)
     if not (path / META).is_file() or not (path / WEIGHTS).is_file():
         raise CheckpointError(f"{path} is not a commer checkpoint: expected {META} and {WEIGHTS} in it")
     try:
         meta = json.loads((path / META).read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path / META} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / META} is damaged: not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    backbone = meta.get("backbone")
+    if not isinstance(backbone, dict) or not all(isinstance(backbone.get(f), str) for f in ("name", "fingerprint")):
+        raise CheckpointError(f"{path / META} is damaged: it names no backbone (name and fingerprint)")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path / META} is damaged: it holds no model config")
     return meta
 
 
@@ -78,11 +95,26 @@ def _check_backbone(meta: dict[str, Any], path: str | Path, name: str, fingerpri
         )
 
 
+# The config fields that fix the trainable tensors' names and shapes: a checkpoint loads only where they agree.
+STRUCTURE_FIELDS = ("method", "num_embeddings", "lora_r", "lora_target_modules", "bridge")
+
+
 def load_trainable(model: SoftPromptLM, path: str | Path) -> dict[str, Any]:
-    """Copy a checkpoint's trainable tensors into ``model`` (same backbone, method, K, LoRA rank); returns its meta."""
+    """Copy a checkpoint's trainable tensors into ``model`` (same backbone, method, K, LoRA rank, bridge); returns
+    its meta."""
+    path = resolve_checkpoint(path)
     meta = read_meta(path)
     _check_backbone(meta, path, model.backbone_name, model.backbone_fingerprint)
-    state = load_file(str(Path(path) / WEIGHTS), device=str(model.device))
+    saved, own_config = meta.get("config", {}), model.config.to_dict()
+    differ = [
+        f"{f}={saved.get(f)!r} (model: {own_config[f]!r})" for f in STRUCTURE_FIELDS if saved.get(f) != own_config[f]
+    ]
+    if differ:
+        raise CheckpointError(f"checkpoint {path} was trained with {', '.join(differ)}: set the model to match")
+    try:
+        state = load_file(str(Path(path) / WEIGHTS), device=str(model.device))
+    except SafetensorError as err:
+        raise CheckpointError(f"{path / WEIGHTS} is damaged: {err}") from err
     own = model.trainable_state()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
@@ -98,10 +130,12 @@ def load_trainable(model: SoftPromptLM, path: str | Path) -> dict[str, Any]:
 def load_checkpoint(
     path: str | Path, backbone: Backbone | None = None, device: str | torch.device = "cpu"
 ) -> SoftPromptLM:
-    """Rebuild the model saved at ``path`` on ``backbone`` (default: load the backbone the checkpoint names).
+    """Rebuild the model saved at ``path`` (a folder, or ``"pretrained"`` for the shipped compressor) on ``backbone``
+    (default: load the backbone the checkpoint names).
 
     Raises ``CheckpointError`` when the backbone's weights differ from those the checkpoint was trained on.
     """
+    path = resolve_checkpoint(path)
     meta = read_meta(path)
     if backbone is None:
         backbone = load_backbone(meta["backbone"]["name"], device=device)

@@ -67,16 +67,21 @@ def quickstart(
     task: str = typer.Option("lamp7", help="Fine-tune on 'lamp7' or on 'recall', the synthetic recall probe."),
     data_dir: str | None = typer.Option(None, help="The shared data folder (default ../shared/data)."),
     backbone: str = typer.Option("smollm2-135m"),
-    k: int = typer.Option(8, help="Compression embeddings per document."),
-    compression_norm: str = typer.Option("none", help="'embedding': rescale compressions to token-embedding norm."),
+    init: str = typer.Option(
+        "pretrained", help="Start from a checkpoint folder, 'pretrained' (the shipped compressor) or 'none'."
+    ),
+    k: int = typer.Option(8, help="Compression embeddings per document (--init none only)."),
+    compression_norm: str = typer.Option("none", help="'embedding': rescale compressions (--init none only)."),
+    bridge: str = typer.Option("linear", help="none | linear | gate | mlp (--init none only)."),
     n_docs: int = typer.Option(2, help="Documents per user (LaMP-7: the top-n by BM25)."),
-    pretrain_steps: int = typer.Option(20),
+    pretrain_steps: int = typer.Option(0, help="FineWeb auto-encoding steps before fine-tuning."),
     finetune_steps: int = typer.Option(80),
     batch_size: int = typer.Option(8),
-    lr_lora: float = typer.Option(1e-4, help="LoRA learning rate (the paper's 1e-4 by default)."),
+    lr_lora: float = typer.Option(1e-3, help="LoRA learning rate."),
     test_users: int = typer.Option(64),
 ) -> None:
-    """Pretrain, fine-tune on LaMP-7 (or the recall probe), show on held-out users whether documents help (~15 min)."""
+    """Fine-tune the shipped compressor on LaMP-7 (or the recall probe) and show on held-out users whether
+    documents help (~15 min)."""
     from commer.quickstart import quickstart as run_quickstart
 
     run_quickstart(
@@ -84,8 +89,10 @@ def quickstart(
         task,
         data_dir,
         backbone,
+        init=None if init == "none" else init,
         num_embeddings=k,
         compression_norm=compression_norm,
+        bridge=bridge,
         n_docs=n_docs,
         pretrain_steps=pretrain_steps,
         finetune_steps=finetune_steps,
@@ -99,12 +106,55 @@ def quickstart(
 def train(
     config: Path = typer.Argument(..., help="A run config, e.g. configs/lamp7.yaml."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override, e.g. --set model.num_embeddings=16."),
+    init: str | None = typer.Option(
+        None, help="Start from a checkpoint folder or 'pretrained' (the shipped compressor): train.init_from."
+    ),
 ) -> None:
     """Train ComMer or the prompt-tuning baseline as a run config says (resumes from OUTPUT_DIR/last)."""
     from commer.train import load_config, run
 
+    if init is not None:
+        overrides = [*overrides, f"train.init_from={init}"]
     summary = run(load_config(config, overrides))
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def evaluate(
+    checkpoint: str | None = typer.Argument(
+        None, help="A checkpoint folder, 'pretrained' (the shipped compressor), or nothing: the frozen backbone alone."
+    ),
+    task: str = typer.Option("lamp7", help="lamp7, news, perltqa, recall or pretrain-mix (reconstruction)."),
+    n_docs: int = typer.Option(2, help="Documents per user."),
+    data_dir: str | None = typer.Option(None, help="The shared data folder (default ../shared/data)."),
+    users: int = typer.Option(120, help="Held-out users to score (the first of the split)."),
+    split: str = typer.Option("test", help="'validation' to choose settings, 'test' to report them once."),
+    generate_users: int = typer.Option(0, help="Users whose greedy answers are generated and scored."),
+    with_text: bool = typer.Option(False, help="Also score the documents folded into the request as text."),
+    seed: int = typer.Option(0, help="The user split's seed (training's data.split_seed)."),
+    users_matching: str = typer.Option("", help="Only users whose id starts with this (e.g. fineweb-page-)."),
+    output: Path | None = typer.Option(None, help="Write the numbers and what was run as JSON here."),
+) -> None:
+    """Do the documents carry the user? Held-out users with their own documents, another user's, and none."""
+    from commer.evaluate import evaluate_heldout
+
+    comparison, record = evaluate_heldout(
+        checkpoint,
+        task,
+        n_docs,
+        data_dir,
+        users,
+        split,
+        generate_users,
+        with_text,
+        seed=seed,
+        user_prefix=users_matching,
+    )
+    typer.echo(f"{task}, {record['users']} {split} users, {n_docs} documents each, checkpoint {checkpoint}")
+    typer.echo(comparison.table())
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({**record, **comparison.to_dict()}, indent=2) + "\n")
 
 
 @app.command("compress-corpus")

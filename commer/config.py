@@ -13,6 +13,8 @@ Method = Literal["commer", "prompt_tuning"]
 MergeStrategy = Literal["mean", "concat"]
 PromptFormat = Literal["chat", "plain"]
 CompressionNorm = Literal["none", "embedding"]
+Bridge = Literal["none", "linear", "gate", "mlp"]
+BRIDGES = ("none", "linear", "gate", "mlp")
 
 
 def _positive(name: str, value: float) -> None:
@@ -42,6 +44,16 @@ class ComMerConfig:
     # uses the raw last-layer states ("none"), whose norm the final RMSNorm pins far above that of any token
     # (about 51 against 3.2 on SmolLM2): the generator then reads K vectors unlike anything it was trained on.
     compression_norm: CompressionNorm = "none"
+    # How the merged compressions become the generator's soft prompt (``commer.model.Bridge``):
+    #   "none"   the merged raw states themselves (the paper);
+    #   "linear" task_prompt + W @ merged, W initialised at zero;
+    #   "gate"   task_prompt + g * merged, the scalar g initialised at zero;
+    #   "mlp"    task_prompt + MLP(merged), the MLP's output layer initialised at zero.
+    # With every bridge but "none" the untrained model is exactly prompt tuning without documents (the raw states
+    # read as input embeddings wreck the frozen generator: docs/results.md), a user without documents gets the task
+    # prompt, and the personal part grows from the first step. The bridge maps the merged mean, so the store keeps
+    # raw sums and O(1) updates stay exact.
+    bridge: Bridge = "linear"
     init_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -58,6 +70,8 @@ class ComMerConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.compression_norm not in ("none", "embedding"):
             raise ValueError(f"compression_norm must be 'none' or 'embedding', got {self.compression_norm!r}")
+        if self.bridge not in BRIDGES:
+            raise ValueError(f"bridge must be one of {', '.join(map(repr, BRIDGES))}, got {self.bridge!r}")
         if self.prompt_format not in ("chat", "plain"):
             raise ValueError(f"prompt_format must be 'chat' or 'plain', got {self.prompt_format!r}")
 

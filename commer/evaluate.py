@@ -1,7 +1,9 @@
-"""Metrics on held-out examples: perplexity of the gold answer, ROUGE of greedy generations, and the prompt cost.
+"""Metrics on held-out examples: perplexity and token accuracy of the gold answer, ROUGE of greedy generations, and
+the prompt cost.
 
 ``evaluate_examples`` computes them all for one model on one set of examples; ``commer.experiments`` runs it over a
-sweep of methods, K and numbers of documents.
+sweep of methods, K and numbers of documents. ``compare_documents`` asks whether the documents carry the user: the
+same held-out users with their own documents, another user's, none (and, optionally, their documents as text).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 
 from commer.batch import Batch
 from commer.config import ComMerConfig
-from commer.data.collate import Collator
+from commer.data.collate import Collator, documents_as_text
 from commer.data.example import Example
 from commer.model import SoftPromptLM
 
@@ -36,20 +38,30 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 
 @torch.no_grad()
+def answer_totals(
+    model: SoftPromptLM, collator: Collator, examples: Sequence[Example], batch_size: int = 8, bf16: bool = True
+) -> tuple[float, int, int]:
+    """Summed negative log-likelihood of the gold answers of ``examples``, their number of tokens, and how many of
+    those tokens are the model's teacher-forced argmax (for token accuracy)."""
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens, correct = 0.0, 0, 0
+    for start in tqdm(range(0, len(examples), batch_size), desc="scoring answers", leave=False):
+        batch = collator(examples[start : start + batch_size]).to(model.device)
+        with autocast(model.device, bf16):
+            logits, targets, _ = model.answer_logits(batch)
+        total_nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        total_tokens += targets.numel()
+        correct += int((logits.argmax(-1) == targets).sum())
+    model.train(was_training)
+    return total_nll, total_tokens, correct
+
+
 def nll_totals(
     model: SoftPromptLM, collator: Collator, examples: Sequence[Example], batch_size: int = 8, bf16: bool = True
 ) -> tuple[float, int]:
     """Summed negative log-likelihood of the gold answers of ``examples`` and their number of tokens."""
-    was_training = model.training
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    for start in tqdm(range(0, len(examples), batch_size), desc="perplexity", leave=False):
-        batch = collator(examples[start : start + batch_size]).to(model.device)
-        with autocast(model.device, bf16):
-            nll, n = model.nll(batch)
-        total_nll += float(nll.sum())
-        total_tokens += int(n.sum())
-    model.train(was_training)
+    total_nll, total_tokens, _ = answer_totals(model, collator, examples, batch_size, bf16)
     return total_nll, total_tokens
 
 
@@ -105,7 +117,8 @@ def prompt_tokens(batch: Batch, config: ComMerConfig) -> tuple[torch.Tensor, tor
     """Per-example ``(soft_prompt, generator, compressor)`` token counts of a prompts-only batch, each ``(B,)``.
 
     Counted from the collated tensors, so they are exactly what the models read: ``merge_batch`` masks the soft
-    prompt of a user without documents, and the concat merge keeps K slots per document.
+    prompt of a user without documents (the bridge's task prompt fills it), and the concat merge keeps K slots per
+    document.
     """
     if batch.labels is not None:
         raise ValueError("count prompt tokens on a batch collated with_answers=False: answers are not prompt")
@@ -116,6 +129,8 @@ def prompt_tokens(batch: Batch, config: ComMerConfig) -> tuple[torch.Tensor, tor
         compressor = torch.zeros_like(docs)
     else:
         soft = k * docs if config.merge == "concat" else k * (docs > 0).long()
+        if config.bridge != "none":
+            soft = soft.clamp(min=k)  # the bridge gives a user without documents the task prompt
         doc_tokens = batch.doc_mask.sum(1).long()
         compressor = torch.zeros_like(docs).index_add(0, batch.doc_owner, doc_tokens + k)
     return soft, soft + batch.input_mask.sum(1), compressor
@@ -203,3 +218,161 @@ def evaluate_examples(
             for ex, answer in zip(subset[:n_samples], answers, strict=False)
         ]
     return result
+
+
+# -- does the soft prompt carry the user? ----------------------------------------------------------------------------
+OWN, OTHER, NONE, TEXT = "own documents", "another user's documents", "no documents", "documents as text"
+
+
+def document_variants(examples: Sequence[Example], with_text: bool = False) -> dict[str, list[Example]]:
+    """The same requests and gold answers with the user's own documents, with the next user's (equally informative,
+    but not theirs), with none, and (``with_text``) with the documents folded into the request as text."""
+    n = len(examples)
+    variants = {
+        OWN: list(examples),
+        OTHER: [
+            Example(ex.user_id, examples[(i + 1) % n].documents, ex.instruction, ex.answer)
+            for i, ex in enumerate(examples)
+        ],
+        NONE: [Example(ex.user_id, [], ex.instruction, ex.answer) for ex in examples],
+    }
+    if with_text:
+        variants[TEXT] = [
+            Example(ex.user_id, [], documents_as_text(ex.documents, ex.instruction), ex.answer) for ex in examples
+        ]
+    return variants
+
+
+def contains_answer(prediction: str, gold: str) -> bool:
+    """The recall probe's score: the gold (one-word) answer appears in the greedy answer, case-insensitively."""
+    return gold.strip().lower() in prediction.lower()
+
+
+@dataclass
+class Comparison:
+    """One model on the same held-out users under each document variant (``document_variants``)."""
+
+    perplexity: dict[str, float]
+    token_accuracy: dict[str, float]
+    n_examples: int
+    rouge: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> rouge1/rougeL; plus "copy input"
+    answer_accuracy: dict[str, float] = field(default_factory=dict)  # variant -> share containing the gold answer
+    n_generated: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A plain-text table, one row per variant."""
+        lines = [f"{'variant':26} {'perplexity':>10} {'token acc':>9} {'ROUGE-1':>8} {'ROUGE-L':>8} {'answer acc':>10}"]
+        for name in [*self.perplexity, *(k for k in self.rouge if k not in self.perplexity)]:
+            r = self.rouge.get(name, {})
+            cells = [
+                f"{self.perplexity[name]:10.3f}" if name in self.perplexity else f"{'':>10}",
+                f"{self.token_accuracy[name]:9.3f}" if name in self.token_accuracy else f"{'':>9}",
+                f"{r['rouge1']:8.4f}" if r else f"{'':>8}",
+                f"{r['rougeL']:8.4f}" if r else f"{'':>8}",
+                f"{self.answer_accuracy[name]:10.3f}" if name in self.answer_accuracy else f"{'':>10}",
+            ]
+            lines.append(f"{name:26} " + " ".join(cells))
+        return "\n".join(lines)
+
+
+def compare_documents(
+    model: SoftPromptLM,
+    collator: Collator,
+    examples: Sequence[Example],
+    generate_examples: int = 0,
+    with_text: bool = False,
+    score_rouge: bool = True,
+    score_answers: bool = False,
+    batch_size: int = 8,
+    max_new_tokens: int = 48,
+    bf16: bool = True,
+) -> Comparison:
+    """Perplexity and token accuracy of the gold answers under every document variant; on the first
+    ``generate_examples`` users also greedy answers, scored by ROUGE (next to the copy-the-input baseline) and, with
+    ``score_answers``, by whether they contain the gold answer (the recall probe)."""
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    variants = document_variants(examples, with_text)
+    result = Comparison(perplexity={}, token_accuracy={}, n_examples=len(examples))
+    for name, variant in variants.items():
+        total_nll, tokens, correct = answer_totals(model, collator, variant, batch_size, bf16)
+        result.perplexity[name] = math.exp(total_nll / max(tokens, 1))
+        result.token_accuracy[name] = correct / max(tokens, 1)
+    if generate_examples > 0:
+        subset = {name: variant[:generate_examples] for name, variant in variants.items()}
+        golds = [ex.answer for ex in subset[OWN]]
+        result.n_generated = len(golds)
+        for name, variant in subset.items():
+            answers = generate(model, collator, variant, batch_size, max_new_tokens, bf16)
+            if score_rouge:
+                result.rouge[name] = rouge(answers, golds)
+            if score_answers:
+                hits = sum(contains_answer(a, g) for a, g in zip(answers, golds, strict=True))
+                result.answer_accuracy[name] = hits / len(golds)
+        if score_rouge:
+            result.rouge["copy input"] = rouge([copy_input(ex.instruction) for ex in subset[OWN]], golds)
+    return result
+
+
+def evaluate_heldout(
+    checkpoint: str | None,
+    task: str,
+    n_docs: int,
+    data_dir: str | None = None,
+    users: int = 120,
+    split: str = "test",
+    generate_examples: int = 0,
+    with_text: bool = False,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    backbone: str = "smollm2-135m",
+    user_prefix: str = "",
+) -> tuple[Comparison, dict[str, Any]]:
+    """``compare_documents`` for a checkpoint (a folder, ``"pretrained"``, or ``None``: the frozen backbone alone) on
+    the first ``users`` users of a task's ``split`` (split by user with ``seed``, as training splits them; one example
+    each; only ids starting with ``user_prefix``). Returns the comparison and a record of what was run."""
+    from commer.backbone import load_backbone
+    from commer.checkpoint import load_checkpoint
+    from commer.data.tasks import load_splits
+    from commer.model import ComMer
+
+    splits, info = load_splits(task, data_dir, n_docs, seed)
+    if split not in splits:
+        raise ValueError(f"split must be one of {', '.join(splits)}, got {split!r}")
+    firsts: dict[str, Example] = {}  # one example per user (pretraining has many per FineWeb page)
+    for ex in splits[split]:
+        if ex.user_id.startswith(user_prefix):
+            firsts.setdefault(ex.user_id, ex)
+    examples = list(firsts.values())[:users]
+    if not examples:
+        raise ValueError(f"no {split} users of {task} whose id starts with {user_prefix!r}")
+    bb = load_backbone(backbone)
+    # None: the frozen backbone, no soft prompt for users without documents (the paper's bridge adds nothing then)
+    model = ComMer(bb, ComMerConfig(bridge="none")) if checkpoint is None else load_checkpoint(checkpoint, bb)
+    collator = Collator(bb.tokenizer, model.config, model.max_length)
+    recall = task == "recall"
+    comparison = compare_documents(
+        model,
+        collator,
+        examples,
+        generate_examples=generate_examples,
+        with_text=with_text,
+        score_rouge=not recall,
+        score_answers=recall,
+        max_new_tokens=8 if recall else max_new_tokens,
+    )
+    record = {
+        "checkpoint": checkpoint,
+        "task": task,
+        "n_docs": n_docs,
+        "split": split,
+        "users": len(examples),
+        "user_prefix": user_prefix,
+        "split_info": info.to_dict(with_users=False),
+        "config": model.config.to_dict(),
+        "backbone": {"name": bb.name, "fingerprint": bb.fingerprint},
+    }
+    return comparison, record

@@ -1,8 +1,9 @@
 """ComMer and the prompt-tuning baseline: a frozen causal LM that reads a soft prompt before the request.
 
-Reading order: ``SoftPromptLM`` (the frozen generator: loss, perplexity, decoding) -> ``ComMer`` (compress each document
-with a LoRA'd copy of the same weights, merge, hand the merged prompt to the generator) -> ``PromptTuning`` (one trained
-soft prompt, the documents go into the text prompt instead).
+Reading order: ``SoftPromptLM`` (the frozen generator: loss, perplexity, decoding) -> ``Bridge`` (merged compressions
+-> the generator's soft prompt) -> ``ComMer`` (compress each document with a LoRA'd copy of the same weights, merge,
+bridge, hand the soft prompt to the generator) -> ``PromptTuning`` (one trained soft prompt, the documents go into the
+text prompt instead).
 
 The models know nothing about tokenization: they read ``Batch`` tensors (see ``commer.data.collate``).
 """
@@ -81,8 +82,9 @@ class SoftPromptLM(nn.Module):
         embeds = torch.cat([prefix.to(dtype), self.embed(input_ids)], dim=1)  # (B, P + L, D)
         return embeds, torch.cat([prefix_mask, input_mask.bool()], dim=1)
 
-    def nll(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed negative log-likelihood of each example's answer tokens and their number, both ``(B,)``."""
+    def answer_logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits at the batch's answer positions: ``(N, V)`` logits (float32) for the N answer tokens
+        of all examples, their ``(N,)`` target ids and the ``(N,)`` example index each belongs to."""
         if batch.labels is None:
             raise ValueError("this batch has no labels: collate it with answers to compute a loss or perplexity")
         prefix, prefix_mask = self.prefix(batch)
@@ -100,11 +102,15 @@ class SoftPromptLM(nn.Module):
         targets = labels[:, 1:]
         selected = targets != IGNORE_INDEX  # (B, T - 1)
         # The LM head is applied to answer positions only: the vocabulary projection dominates a small model's cost.
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][selected]).float()  # (n_answer_tokens, V)
-        token_nll = F.cross_entropy(logits, targets[selected], reduction="none")
-        rows = torch.nonzero(selected)[:, 0]
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][selected]).float()  # (N, V)
+        return logits, targets[selected], torch.nonzero(selected)[:, 0]
+
+    def nll(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed negative log-likelihood of each example's answer tokens and their number, both ``(B,)``."""
+        logits, targets, rows = self.answer_logits(batch)
+        token_nll = F.cross_entropy(logits, targets, reduction="none")
         nll = token_nll.new_zeros(batch.size).index_add(0, rows, token_nll)
-        return nll, selected.sum(1)
+        return nll, torch.bincount(rows, minlength=batch.size)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy over all answer tokens of the batch (the training objective)."""
@@ -214,6 +220,55 @@ def _pick(
     return torch.where(temperature == 0, greedy, sampled)
 
 
+class Bridge(nn.Module):
+    """Merged compressions -> the generator's soft prompt: ``task_prompt + f(merged)`` (see ``ComMerConfig.bridge``).
+
+    ``f`` starts at exactly zero (a zero ``W``, a zero gate, or an MLP whose output layer is zero), so the untrained
+    ComMer is prompt tuning without documents: the generator is never fed raw last-layer states it cannot read, and
+    ``f`` gets a gradient at the first step. ``kind="none"`` is the paper's identity (no parameters, no task prompt).
+    """
+
+    def __init__(self, kind: str, task_prompt: torch.Tensor) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "none":
+            return
+        k, d = task_prompt.shape
+        self.task_prompt = nn.Parameter(task_prompt)  # (K, D), initialised like a prompt-tuning soft prompt
+        if kind == "linear":
+            self.proj = nn.Linear(d, d, bias=False)
+            nn.init.zeros_(self.proj.weight)
+        elif kind == "gate":
+            self.gate = nn.Parameter(torch.zeros(()))
+        elif kind == "mlp":
+            self.mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+        else:
+            raise ValueError(f"unknown bridge {kind!r}")
+        self.to(task_prompt.device)
+
+    def forward(self, merged: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``merged (B, P, D)`` with ``mask (B, P)`` (``P = K``, or ``n * K`` for ``concat``) -> soft prompt and mask.
+
+        A user without documents (all-False mask) reads the task prompt alone; for ``concat`` each document's K
+        vectors get the task prompt added."""
+        if self.kind == "none":
+            return merged, mask
+        p, k = merged.shape[1], self.task_prompt.shape[0]
+        merged = merged.float().masked_fill(~mask[..., None], 0.0)  # no stray values from masked slots
+        if self.kind == "linear":
+            personal = self.proj(merged)
+        elif self.kind == "gate":
+            personal = self.gate * merged
+        else:
+            personal = self.mlp(merged).masked_fill(~mask[..., None], 0.0)  # MLP(0) is its bias: keep empty slots 0
+        prompt = self.task_prompt.repeat(p // k, 1)[None] + personal  # (B, P, D)
+        mask = mask.clone()
+        mask[:, :k] = True  # every user reads at least the task prompt
+        return prompt, mask
+
+
 class ComMer(SoftPromptLM):
     """Compress each document into K vectors (backbone + LoRA + K compression embeddings), mean-merge per user,
     generate with the same backbone, LoRA disabled: one copy of the weights serves as compressor and generator."""
@@ -234,6 +289,8 @@ class ComMer(SoftPromptLM):
         self.compression_embeddings = nn.Parameter(
             _vocab_init(weight, config.num_embeddings, config.init_seed).to(weight.device)
         )  # (K, D)
+        task_prompt = _vocab_init(weight, config.num_embeddings, config.init_seed + 1).to(weight.device)  # (K, D)
+        self.bridge = Bridge(config.bridge, task_prompt)
         # a constant of the frozen backbone, kept as a buffer so it moves with the model but is never trained or saved
         self.register_buffer("token_norm", weight.detach().float().norm(dim=-1).mean(), persistent=False)
 
@@ -280,9 +337,14 @@ class ComMer(SoftPromptLM):
             compressions = F.normalize(compressions, dim=-1) * self.token_norm.to(compressions.dtype)
         return compressions
 
+    def soft_prompt(self, merged: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the generator reads for users' merged compressions ``(B, P, D)`` and mask ``(B, P)``: the bridge's
+        output. The one path from a merged profile (a batch's, the store's, a vLLM request's) to a soft prompt."""
+        return self.bridge(merged, mask)
+
     def prefix(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         compressions = self.compress(batch.doc_ids, batch.doc_mask)  # (n_docs, K, D)
-        return merge_batch(compressions, batch.doc_owner, batch.size, self.config.merge)
+        return self.soft_prompt(*merge_batch(compressions, batch.doc_owner, batch.size, self.config.merge))
 
 
 class PromptTuning(SoftPromptLM):

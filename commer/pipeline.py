@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from commer.backbone import Backbone
-from commer.checkpoint import load_checkpoint
+from commer.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from commer.checkpoint import PRETRAINED, load_checkpoint
 from commer.config import ComMerConfig
 from commer.data.collate import Collator
 from commer.merge import ProfileState, stack_profiles
@@ -39,7 +39,16 @@ class Personalizer:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, backbone: Backbone) -> Personalizer:
+        """A trained ComMer from a checkpoint folder (or ``"pretrained"``) on ``backbone``."""
         return cls(load_checkpoint(path, backbone), backbone.tokenizer)
+
+    @classmethod
+    def pretrained(cls, backbone: Backbone | None = None) -> Personalizer:
+        """The compressor shipped with the package (``commer/pretrained/smollm2-135m``, pretrained by auto-encoding;
+        fine-tune it for a task) on ``backbone`` (default: the embedded SmolLM2-135M-Instruct). Other weights raise
+        ``CheckpointError``."""
+        backbone = backbone or load_backbone(DEFAULT_BACKBONE)
+        return cls.from_checkpoint(PRETRAINED, backbone)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -110,7 +119,9 @@ class Personalizer:
             self.check_profile(profile)
         device = self.model.device
         dtype = self.model.lm.get_input_embeddings().weight.dtype
-        prefix, prefix_mask = stack_profiles(list(profiles), *self.shape, dtype=dtype, device=device)
+        prefix, prefix_mask = self.model.soft_prompt(
+            *stack_profiles(list(profiles), *self.shape, dtype=dtype, device=device)
+        )
         ids, mask = self.collator.pad([self.collator.encode_prompt(x) for x in instructions])
         steps = self.model.decode_steps(
             prefix,

@@ -1,9 +1,9 @@
 """``commer quickstart``: the whole method on 2 CPU cores in about a quarter of an hour.
 
-Pretrain briefly on FineWeb auto-encoding, fine-tune on LaMP-7 training users (or on the synthetic recall probe,
-``task="recall"``), then, on held-out users, compare the perplexity of the gold answer with the user's own documents,
-with another user's documents, and with none, and show a few greedy answers next to the gold ones. Every claim printed
-is computed from this run.
+Start from the compressor shipped with the package (pretrained by auto-encoding), fine-tune it on LaMP-7 training
+users (or on the synthetic recall probe, ``task="recall"``), then, on held-out users, compare the perplexity of the
+gold answer with the user's own documents, with another user's documents, and with none, and show a few greedy answers
+next to the gold ones. Every claim printed is computed from this run.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from typing import Any
 import torch
 import typer
 
-from commer.backbone import load_backbone
-from commer.checkpoint import load_trainable
+from commer.backbone import DEFAULT_BACKBONE, load_backbone
+from commer.checkpoint import PRETRAINED, load_checkpoint, load_trainable, resolve_checkpoint
 from commer.config import ComMerConfig
 from commer.data.collate import Collator
-from commer.data.example import Example
 from commer.data.tasks import load_splits
-from commer.evaluate import copy_input, generate, perplexity
+from commer.evaluate import NONE, OTHER, OWN, copy_input, document_variants, generate, perplexity
 from commer.model import ComMer
 from commer.train import DataConfig, RunConfig, TrainConfig, Trainer
 
@@ -32,7 +31,7 @@ MARGIN = 0.01
 
 
 def _verdict(ppl: dict[str, float]) -> list[str]:
-    own, none, other = ppl["own documents"], ppl["no documents"], ppl["another user's documents"]
+    own, none, other = ppl[OWN], ppl[NONE], ppl[OTHER]
     if own < none * (1 - MARGIN):
         lines = [f"Documents help: perplexity {own:.2f} with the user's documents vs {none:.2f} without any."]
     elif own > none * (1 + MARGIN):
@@ -57,28 +56,39 @@ def quickstart(
     output_dir: Path = Path("runs/quickstart"),
     task: str = "lamp7",
     data_dir: str | None = None,
-    backbone_spec: str = "smollm2-135m",
+    backbone_spec: str = DEFAULT_BACKBONE,
+    init: str | None = PRETRAINED,
     num_embeddings: int = 8,
     compression_norm: str = "none",
+    bridge: str = "linear",
     n_docs: int = 2,
-    pretrain_steps: int = 20,
+    pretrain_steps: int = 0,
     finetune_steps: int = 80,
     batch_size: int = 8,
-    lr_lora: float = 1e-4,
+    lr_lora: float = 1e-3,
     val_users: int = 48,
     test_users: int = 64,
     show: int = 4,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Run the quickstart and return (and write to ``output_dir/results.json``) what it measured."""
+    """Run the quickstart and return (and write to ``output_dir/results.json``) what it measured.
+
+    ``init``: the checkpoint fine-tuning starts from (default the shipped pretrained compressor; its config fixes K,
+    the LoRA rank and the bridge); ``None`` starts from an untrained ComMer of ``num_embeddings``,
+    ``compression_norm`` and ``bridge``, pretrained here for ``pretrain_steps`` steps first."""
     if task not in ("lamp7", "recall"):
         raise ValueError(f"task must be 'lamp7' or 'recall', got {task!r}")
     start = time.perf_counter()
     torch.manual_seed(seed)
     backbone = load_backbone(backbone_spec)
-    model = ComMer(
-        backbone, ComMerConfig(num_embeddings=num_embeddings, compression_norm=compression_norm, init_seed=seed)
-    )
+    if init is not None:
+        model = load_checkpoint(init, backbone)
+        typer.echo(f"fine-tuning from {resolve_checkpoint(init)} ({model.config.to_dict()})")
+    else:
+        config = ComMerConfig(
+            num_embeddings=num_embeddings, compression_norm=compression_norm, bridge=bridge, init_seed=seed
+        )
+        model = ComMer(backbone, config)
     train_cfg = TrainConfig(
         batch_size=batch_size, micro_batch_size=min(4, batch_size), lr_lora=lr_lora, log_every=5, seed=seed
     )
@@ -102,17 +112,8 @@ def quickstart(
     target, split_info = load_splits(task, data_dir, n_docs, seed)
     test = target["test"][:test_users]
     collator = Collator(backbone.tokenizer, model.config, model.max_length)
-    # another user's documents: each user gets the next user's, so the prompt is equally informative but not theirs
-    variants = {
-        "own documents": test,
-        "another user's documents": [
-            Example(ex.user_id, test[(i + 1) % len(test)].documents, ex.instruction, ex.answer)
-            for i, ex in enumerate(test)
-        ],
-        "no documents": [Example(ex.user_id, [], ex.instruction, ex.answer) for ex in test],
-    }
-    # The untrained compressor's soft prompt is where training starts from: with it, what does the generator make of
-    # the documents?
+    variants = document_variants(test)
+    # Where training starts from: with it, what does the generator make of the documents?
     before = {name: perplexity(model, collator, examples) for name, examples in variants.items()}
 
     for name, config in stages.items():
@@ -137,7 +138,7 @@ def quickstart(
 
     shown = test[:show]
     answers = generate(model, collator, shown, max_new_tokens=48)
-    plain = generate(model, collator, variants["no documents"][:show], max_new_tokens=48)
+    plain = generate(model, collator, variants[NONE][:show], max_new_tokens=48)
     typer.secho("\n== personalized answers (greedy)", bold=True)
     samples = []
     for ex, answer, base in zip(shown, answers, plain, strict=True):
@@ -153,6 +154,7 @@ def quickstart(
         "samples": samples,
         "test_users": len(test),
         "split": split_info.to_dict(with_users=False),
+        "init": str(init),
         "config": {name: cfg.to_dict() for name, cfg in stages.items()},
         "backbone": {"name": backbone.name, "fingerprint": backbone.fingerprint},
         "minutes": round(minutes, 1),

@@ -61,7 +61,8 @@ class DataConfig:
 class TrainConfig:
     lr_compression: float = 1e-2
     lr_lora: float = 1e-4
-    lr_soft_prompt: float = 3e-2
+    lr_soft_prompt: float = 3e-2  # prompt tuning's soft prompt and ComMer's task prompt (its bridge)
+    lr_bridge: float = 1e-3  # the bridge's map from merged compressions (W, gate or MLP)
     weight_decay: float = 0.001
     max_grad_norm: float = 0.3
     warmup_ratio: float = 0.03
@@ -74,7 +75,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     bf16: bool = True  # autocast to bfloat16 on a GPU, and on a CPU with native bf16 (3x faster on AVX512-BF16)
-    init_from: str | None = None  # a pretraining checkpoint to start from
+    init_from: str | None = None  # a checkpoint to start from: a folder, or "pretrained" (the shipped compressor)
 
     def __post_init__(self) -> None:
         if self.batch_size % self.micro_batch_size:
@@ -143,17 +144,24 @@ def resolve_device(device: str) -> torch.device:
 
 def param_groups(model: SoftPromptLM, cfg: TrainConfig) -> list[dict[str, Any]]:
     """One AdamW group per learning rate: the paper found one shared rate worse."""
-    groups: dict[str, list[torch.nn.Parameter]] = {"compression": [], "lora": [], "soft_prompt": []}
+    groups: dict[str, list[torch.nn.Parameter]] = {"compression": [], "lora": [], "soft_prompt": [], "bridge": []}
     for name, p in model.trainable_state().items():
         if name == "compression_embeddings":
             groups["compression"].append(p)
-        elif name == "soft_prompt":
+        elif name in ("soft_prompt", "bridge.task_prompt"):
             groups["soft_prompt"].append(p)
+        elif name.startswith("bridge."):
+            groups["bridge"].append(p)
         elif "lora_" in name:
             groups["lora"].append(p)
         else:
             raise ValueError(f"no learning rate is defined for trainable parameter {name!r}")
-    lrs = {"compression": cfg.lr_compression, "lora": cfg.lr_lora, "soft_prompt": cfg.lr_soft_prompt}
+    lrs = {
+        "compression": cfg.lr_compression,
+        "lora": cfg.lr_lora,
+        "soft_prompt": cfg.lr_soft_prompt,
+        "bridge": cfg.lr_bridge,
+    }
     return [
         {"name": name, "params": params, "lr": lrs[name], "weight_decay": cfg.weight_decay}
         for name, params in groups.items()
@@ -256,7 +264,7 @@ class Trainer:
         if not state_file.is_file():
             return False
         load_trainable(self.model, self.out / "last")
-        state = torch.load(state_file, weights_only=False)
+        state = torch.load(state_file, weights_only=True)  # never unpickle code from a run folder
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])

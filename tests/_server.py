@@ -1,4 +1,5 @@
-"""A real ``commer`` server in a subprocess, on a loopback port, over the tiny backbone saved to disk."""
+"""A real ``commer`` server on a loopback port, over the tiny backbone saved to disk: in a subprocess (``Server``), or
+in this process (``AppServer``) where a test can reach its model worker."""
 
 from __future__ import annotations
 
@@ -8,35 +9,40 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import torch
-from conftest import tiny_backbone
+import uvicorn
+from conftest import perturb_zero_init, tiny_backbone
 
 from commer.backbone import load_backbone
 from commer.checkpoint import save_checkpoint
 from commer.config import ComMerConfig
 from commer.model import ComMer
+from commer.service.app import create_app
+from commer.service.batcher import ModelWorker
+from commer.service.cli import load_personalizer, open_store
+from commer.service.limits import ServiceLimits
 
 KEYS = {"key-acme": "acme", "key-globex": "globex", "key-acme-2": "acme"}
 CONFIG = ComMerConfig(num_embeddings=4, lora_r=4)
 
 
 def save_tiny_model(folder: Path) -> tuple[Path, Path]:
-    """The tiny backbone as a model folder, and a checkpoint of a ComMer on it (LoRA B made non-zero, so that
-    compressions depend on the checkpoint's weights)."""
+    """The tiny backbone as a model folder, and a checkpoint of a ComMer on it (LoRA B and the bridge's map made
+    non-zero, so that compressions and soft prompts depend on the checkpoint's weights)."""
     backbone_dir, checkpoint_dir = folder / "backbone", folder / "checkpoint"
     bb = tiny_backbone()
     bb.model.save_pretrained(backbone_dir)
     bb.tokenizer.save_pretrained(backbone_dir)
     torch.manual_seed(0)
     model = ComMer(load_backbone(str(backbone_dir)), CONFIG)
-    with torch.no_grad():
-        for name, p in model.trainable_state().items():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    perturb_zero_init(model, std=0.05, seed=0)
     save_checkpoint(model, checkpoint_dir)
     return backbone_dir, checkpoint_dir
 
@@ -108,3 +114,65 @@ class Server:
 
 def auth(key: str = "key-acme") -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def add_documents(client: httpx.Client, user: str, texts: list[str], **kw) -> httpx.Response:
+    return client.post(f"/v1/users/{user}/documents", json={"documents": [{"text": t} for t in texts]}, **kw)
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of a metric's samples (all label values) in a Prometheus text exposition."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+class AppServer:
+    """``create_app`` served by uvicorn on a thread of this process (real HTTP, real SQLite), so that a test can hold
+    its model worker (``held``) and decide what is queued together instead of racing the worker thread."""
+
+    def __init__(self, folder: Path, limits: ServiceLimits | None = None) -> None:
+        self.backbone_dir, self.checkpoint_dir = save_tiny_model(folder)
+        self.personalizer = load_personalizer(self.checkpoint_dir, str(self.backbone_dir))
+        self.store = open_store(folder / "profiles.db", self.personalizer)
+        self.app = create_app(self.personalizer, self.store, KEYS, limits)
+        self.worker: ModelWorker = self.app.state.worker
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = int(self.url.rsplit(":", 1)[1])
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def start(self) -> AppServer:
+        self._thread.start()
+        wait_for(lambda: self._server.started, "the in-process server to start")
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(30)
+        self.store.close()
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    """Poll until ``condition()`` holds; the timeout only turns a hang into a failure, no result depends on it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@contextmanager
+def held(worker: ModelWorker) -> Iterator[None]:
+    """Keep the model worker busy with a call that blocks until the block exits: what is queued meanwhile waits and is
+    then scheduled together, whatever the thread timing."""
+    running, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        running.set()
+        release.wait(120)
+
+    worker.submit(hold)
+    try:
+        assert running.wait(60), "the model worker never ran the hold"
+        yield
+    finally:
+        release.set()

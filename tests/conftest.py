@@ -44,6 +44,16 @@ def tiny_backbone(seed: int = 0, max_positions: int = 128) -> Backbone:
     return from_model(LlamaForCausalLM(config).eval(), tiny_tokenizer(), name=f"tiny-llama-{seed}")
 
 
+def perturb_zero_init(model: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:
+    """Fill the trainable tensors that start at zero (LoRA's B, the bridge's map) with noise: untouched, they would
+    make 'LoRA on' equal 'LoRA off' and every user's soft prompt the task prompt, so tests would pass trivially."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lora_B" in name or name.startswith("bridge.") and name != "bridge.task_prompt"):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 @pytest.fixture
 def backbone() -> Backbone:
     return tiny_backbone()

@@ -9,7 +9,19 @@ import torch
 from conftest import tiny_backbone
 
 from commer.backbone import BackboneError, load_backbone
-from commer.checkpoint import META, WEIGHTS, CheckpointError, load_checkpoint, model_fingerprint, save_checkpoint
+from commer.checkpoint import (
+    META,
+    PRETRAINED,
+    PRETRAINED_PATH,
+    WEIGHTS,
+    CheckpointError,
+    load_checkpoint,
+    load_trainable,
+    model_fingerprint,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from commer.config import ComMerConfig
 from commer.model import ComMer, PromptTuning
 
@@ -64,3 +76,20 @@ def test_local_model_folder_loads(tmp_path):
     loaded = load_backbone(str(tmp_path))
     assert loaded.fingerprint == backbone.fingerprint
     assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_a_structure_mismatch_names_the_fields(tmp_path):
+    save_checkpoint(ComMer(tiny_backbone(), ComMerConfig(num_embeddings=2, lora_r=2, bridge="linear")), tmp_path)
+    model = ComMer(tiny_backbone(), ComMerConfig(num_embeddings=2, lora_r=2, bridge="mlp"))
+    with pytest.raises(CheckpointError, match="bridge='linear' \\(model: 'mlp'\\)"):
+        load_trainable(model, tmp_path)
+
+
+def test_the_shipped_compressor_is_small_documented_and_refuses_other_weights():
+    assert resolve_checkpoint(PRETRAINED) == PRETRAINED_PATH
+    meta = read_meta(PRETRAINED)
+    assert meta["backbone"]["name"] == "smollm2-135m" and meta["config"]["bridge"] != "none"
+    assert (PRETRAINED_PATH / WEIGHTS).stat().st_size <= 25 * 2**20
+    assert "## How to reproduce" in (PRETRAINED_PATH / "MODEL_CARD.md").read_text()
+    with pytest.raises(CheckpointError, match="trained on backbone 'smollm2-135m'.*not the same weights"):
+        load_checkpoint(PRETRAINED, tiny_backbone())

@@ -6,7 +6,15 @@ import pytest
 
 from commer.data.errors import DataError
 from commer.data.example import Example
-from commer.data.pretrain import FINEWEB_FILE, fineweb_pretrain, iter_fineweb, profile_pretrain_examples
+from commer.data.pretrain import (
+    FINEWEB_FILE,
+    chunk_text,
+    fineweb_page_examples,
+    fineweb_pretrain,
+    iter_fineweb,
+    profile_pretrain_examples,
+)
+from commer.data.tasks import PROFILE_TASKS, load_splits, load_task
 
 pytest_plugins = ["data_fixtures"]
 
@@ -69,3 +77,33 @@ def test_malformed_line_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"missing FineWeb sample: expected the file .*empty/fineweb"):
         list(fineweb_pretrain(tmp_path / "empty"))
+
+
+def test_chunks_are_consecutive_and_bounded():
+    text = "word " * 100 + "x" * 400
+    pieces = chunk_text(text, 150)
+    assert all(0 < len(p) <= 150 for p in pieces)
+    assert " ".join(pieces).replace("x" * 150, "").split() == text.split()[:-1]  # the over-long word is cut
+    assert chunk_text("   ") == []
+
+
+def test_pages_are_pieces_and_a_page_is_one_user(data_dir):
+    examples = list(islice(fineweb_page_examples(data_dir, max_docs=4, seed=0), 200))
+    for example in examples:
+        check_autoencoding(example, max_docs=4)
+    first_page = [e for e in examples if e.user_id == "fineweb-page-0"]
+    assert len(first_page) > 1  # a page gives many examples, all of one pretraining user
+
+
+def test_the_pretraining_mix_never_reads_held_out_users(data_dir):
+    """pretrain-mix reads LaMP-7 and news profiles of training users only: no document of a validation or test user
+    of those tasks (split as their fine-tuning splits them) reaches pretraining."""
+    pretrain = load_task("pretrain-mix", data_dir, 4, seed=0).examples
+    mixed_ids = {e.user_id for e in pretrain}
+    for task in PROFILE_TASKS:
+        splits, _ = load_splits(task, data_dir, 2, seed=0)
+        held_out = {e.user_id for name in ("validation", "test") for e in splits[name]}
+        assert held_out and not {f"{task}-{uid}" for uid in held_out} & mixed_ids
+        train_ids = {f"{task}-{e.user_id}" for e in splits["train"]}
+        assert train_ids & mixed_ids
+    assert sum(e.user_id.startswith("fineweb-page-") for e in pretrain) > 50_000

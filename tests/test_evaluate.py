@@ -11,7 +11,20 @@ from conftest import tiny_backbone
 from commer.config import ComMerConfig
 from commer.data.collate import Collator
 from commer.data.example import Example
-from commer.evaluate import copy_input, evaluate_examples, perplexity, prompt_cost, rouge
+from commer.evaluate import (
+    NONE,
+    OTHER,
+    OWN,
+    TEXT,
+    compare_documents,
+    contains_answer,
+    copy_input,
+    document_variants,
+    evaluate_examples,
+    perplexity,
+    prompt_cost,
+    rouge,
+)
 from commer.experiments import concat_documents
 from commer.model import build_model
 
@@ -42,7 +55,7 @@ def _by_hand(lm, prefix: torch.Tensor | None, collator: Collator, examples: list
 
 def test_perplexity_of_commer_without_documents_is_the_plain_lm():
     backbone = tiny_backbone()
-    model = build_model(backbone, ComMerConfig(num_embeddings=2, lora_r=4))
+    model = build_model(backbone, ComMerConfig(num_embeddings=2, lora_r=4, bridge="none"))
     collator = Collator(backbone.tokenizer, model.config, model.max_length)
     ours = perplexity(model, collator, EXAMPLES, batch_size=2, bf16=False)  # padded batches of unequal answers
     plain = tiny_backbone().model  # same seed: the same weights, never wrapped by peft
@@ -92,11 +105,20 @@ PT_PROMPT = 18  # Question : Document 1 : my cat Document 2 : i love jazz write 
         (ComMerConfig(num_embeddings=2), USER, (2, 2 + PROMPT, (2 + 2) + (3 + 2))),
         (ComMerConfig(num_embeddings=2, merge="concat"), USER, (4, 4 + PROMPT, (2 + 2) + (3 + 2))),
         (ComMerConfig(num_embeddings=2), concat_documents(USER), (2, 2 + PROMPT, 5 + 2)),
-        (ComMerConfig(num_embeddings=2), Example("u", [], "write a tweet", "jazz"), (0, PROMPT, 0)),
+        (ComMerConfig(num_embeddings=2, bridge="none"), Example("u", [], "write a tweet", "jazz"), (0, PROMPT, 0)),
+        (ComMerConfig(num_embeddings=2), Example("u", [], "write a tweet", "jazz"), (2, 2 + PROMPT, 0)),
         (ComMerConfig(method="prompt_tuning", num_embeddings=2), USER, (2, 2 + PT_PROMPT, 0)),
         (ComMerConfig(method="prompt_tuning", num_embeddings=2), Example("u", [], "write a tweet"), (2, 2 + PROMPT, 0)),
     ],
-    ids=["commer-mean", "commer-concat", "concat-then-compress", "no-documents", "prompt-tuning", "pt-no-documents"],
+    ids=[
+        "commer-mean",
+        "commer-concat",
+        "concat-then-compress",
+        "no-documents-paper",
+        "no-documents-task-prompt",
+        "prompt-tuning",
+        "pt-no-documents",
+    ],
 )
 def test_prompt_cost_counts_every_token_the_generator_reads(config, example, expected):
     collator = Collator(tiny_backbone().tokenizer, config, 128)
@@ -105,7 +127,7 @@ def test_prompt_cost_counts_every_token_the_generator_reads(config, example, exp
 
 
 def test_prompt_cost_is_the_mean_over_examples():
-    collator = Collator(tiny_backbone().tokenizer, ComMerConfig(num_embeddings=2), 128)
+    collator = Collator(tiny_backbone().tokenizer, ComMerConfig(num_embeddings=2, bridge="none"), 128)
     cost = prompt_cost(collator, [USER, Example("v", [], "write a tweet", "x")], batch_size=1)
     assert (cost.soft_prompt, cost.generator, cost.compressor) == (1.0, (9 + 7) / 2, 9 / 2)
 
@@ -120,3 +142,36 @@ def test_evaluate_examples_scores_generations_on_a_subset_next_to_the_copy_basel
     assert result.copy_rougeL == 1.0 and 0.0 <= result.rougeL <= 1.0 and result.perplexity > 1.0
     assert result.cost.soft_prompt == 2
     assert math.isnan(evaluate_examples(model, collator, examples, rouge_examples=0, bf16=False).rougeL)
+
+
+def test_document_variants_keep_requests_and_move_documents():
+    users = [Example(f"u{i}", [f"doc of {i}"], f"q{i}", f"a{i}") for i in range(3)]
+    variants = document_variants(users, with_text=True)
+    assert [ex.documents for ex in variants[OTHER]] == [["doc of 1"], ["doc of 2"], ["doc of 0"]]
+    assert all(not ex.documents for ex in variants[NONE] + variants[TEXT])
+    assert variants[TEXT][0].instruction == "Document 1: doc of 0\n\nq0"
+    for variant in variants.values():
+        assert [(ex.user_id, ex.answer) for ex in variant] == [(ex.user_id, ex.answer) for ex in users]
+
+
+def test_compare_documents_scores_every_variant_consistently():
+    """Perplexity per variant equals ``perplexity`` on that variant; token accuracy is the share of answer tokens the
+    teacher-forced argmax gets right (checked by hand); greedy answers are scored against the gold."""
+    backbone = tiny_backbone()
+    model = build_model(backbone, ComMerConfig(num_embeddings=2, lora_r=4)).eval()
+    collator = Collator(backbone.tokenizer, model.config, 128)
+    users = [
+        Example(f"u{i}", ["i love jazz", "my cat"][: i % 2 + 1], "write a tweet", "tea and jazz") for i in range(3)
+    ]
+    result = compare_documents(model, collator, users, generate_examples=2, score_answers=True, bf16=False)
+    variants = document_variants(users)
+    assert set(result.perplexity) == set(variants) and result.n_generated == 2
+    for name, variant in variants.items():
+        assert result.perplexity[name] == pytest.approx(perplexity(model, collator, variant, bf16=False), rel=1e-6)
+    batch = collator(users)
+    with torch.no_grad():
+        logits, targets, _ = model.answer_logits(batch)
+    assert result.token_accuracy[OWN] == pytest.approx(float((logits.argmax(-1) == targets).float().mean()))
+    assert set(result.rouge) == {*variants, "copy input"} and set(result.answer_accuracy) == set(variants)
+    assert contains_answer("I think Jazz.", "jazz") and not contains_answer("rock", "jazz")
+    assert OWN in result.table()

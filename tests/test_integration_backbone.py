@@ -11,6 +11,9 @@ from safetensors import safe_open
 
 from commer.backbone import CONVERTED, CONVERTED_FORMAT, _converted, load_backbone, resolve_backbone_path
 from commer.config import ComMerConfig
+from commer.data.collate import Collator
+from commer.data.example import Example
+from commer.evaluate import OTHER, OWN, compare_documents
 from commer.pipeline import Personalizer
 
 pytestmark = pytest.mark.integration
@@ -20,7 +23,8 @@ pytestmark = pytest.mark.integration
 def personalizer() -> Personalizer:
     backbone = load_backbone("smollm2-135m")  # converted once, then loaded from the COMMER_HOME cache
     assert backbone.hidden_size == 576 and not any(p.requires_grad for p in backbone.model.parameters())
-    return Personalizer.new(backbone, ComMerConfig(num_embeddings=8))
+    # bridge "none": a user without documents then reads no soft prompt at all, as the plain instruct model
+    return Personalizer.new(backbone, ComMerConfig(num_embeddings=8, bridge="none"))
 
 
 def test_compress_and_generate(personalizer):
@@ -54,3 +58,19 @@ def test_converted_folder_is_a_standard_model_folder():
         assert not _converted(folder)
     finally:
         marker.write_text(original)
+
+
+def test_the_shipped_compressor_loads_and_carries_a_document():
+    """The pretrained compressor on its own backbone: a document's soft prompt lets the generator reconstruct it far
+    better than another document's does (the auto-encoding it was pretrained on)."""
+    pretrained = Personalizer.pretrained(load_backbone("smollm2-135m"))
+    assert pretrained.model.config.bridge != "none"
+    texts = [
+        "The city council approved a new budget for road repairs after a long debate on Tuesday night.",
+        "My grandmother's apple pie recipe uses cinnamon, brown sugar and a splash of lemon juice.",
+        "The hiking trail climbs steeply through pine forest before opening onto a rocky summit ridge.",
+    ]
+    examples = [Example(f"u{i}", [f"Document 1: {t}"], "What does document 1 contain?", t) for i, t in enumerate(texts)]
+    model = pretrained.model
+    comparison = compare_documents(model, Collator(pretrained.tokenizer, model.config, model.max_length), examples)
+    assert comparison.perplexity[OWN] < 0.8 * comparison.perplexity[OTHER]

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_backbone
+from conftest import perturb_zero_init, tiny_backbone
 from transformers import LlamaForCausalLM
 
 from commer.batch import Batch
@@ -24,18 +24,9 @@ EXAMPLES = [
 ]
 
 
-def _randomize_lora(model: ComMer, seed: int = 1) -> None:
-    """peft initialises LoRA's B at zero, which would make 'LoRA on' and 'LoRA off' trivially equal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def _model(backbone, **overrides) -> ComMer:
     model = ComMer(backbone, ComMerConfig(num_embeddings=K, lora_r=4, lora_dropout=0.0, **overrides))
-    _randomize_lora(model)
+    perturb_zero_init(model)
     return model.eval()
 
 
@@ -48,7 +39,8 @@ def test_shapes(backbone):
     batch = _collate(backbone, model)
     assert model.compress(batch.doc_ids, batch.doc_mask).shape == (3, K, 64)  # 3 documents in all
     prefix, mask = model.prefix(batch)
-    assert prefix.shape == (3, K, 64) and mask.tolist() == [[True] * K, [True] * K, [False] * K]
+    assert prefix.shape == (3, K, 64) and mask.all()  # carol, without documents, reads the task prompt
+    assert _model(tiny_backbone(), bridge="none").prefix(batch)[1].tolist() == [[True] * K, [True] * K, [False] * K]
     loss = model.loss(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert model.perplexity(batch).shape == (3,)
@@ -85,17 +77,41 @@ def test_lora_changes_compression_but_not_generator(backbone):
     assert (with_lora - reference).abs().max() > 1e-3
 
 
-def test_zero_documents_is_plain_generation(backbone):
-    """A user without documents gets exactly what the frozen model says to the bare prompt, even when batched
-    with users that have soft prompts."""
-    model = _model(backbone)
+@pytest.mark.parametrize("bridge", ["none", "linear"])
+def test_zero_documents_reads_the_task_prompt_or_nothing(backbone, bridge):
+    """A user without documents gets exactly what the frozen model says to the task prompt and the prompt (the bare
+    prompt with the paper's bridge "none"), even when batched with users that have soft prompts."""
+    model = _model(backbone, bridge=bridge)
     batch = _collate(backbone, model)
     nll, n = model.nll(batch)
     carol = batch.input_ids[2][batch.input_mask[2]][None]
     labels = batch.labels[2][batch.input_mask[2]][None]
+    embeds = model.embed(carol)
+    if bridge != "none":
+        embeds = torch.cat([model.bridge.task_prompt[None], embeds], dim=1)
+        labels = torch.cat([labels.new_full((1, K), -100), labels], dim=1)
     with torch.no_grad(), model.generator():
-        reference = model.lm(input_ids=carol, labels=labels).loss
+        reference = model.lm(inputs_embeds=embeds, labels=labels).loss
     torch.testing.assert_close(nll[2] / n[2], reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bridge", ["linear", "gate", "mlp"])
+def test_untrained_bridge_is_the_task_prompt_whatever_the_documents(backbone, bridge):
+    """At initialisation the soft prompt is exactly the task prompt for every user (prompt tuning without documents),
+    and the bridge's zero-initialised map gets a gradient at the first step."""
+    model = ComMer(backbone, ComMerConfig(num_embeddings=K, lora_r=4, bridge=bridge))
+    for name, p in model.named_parameters():  # a trained-looking LoRA: the compressions differ per document
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    batch = _collate(backbone, model)
+    prefix, mask = model.prefix(batch)
+    assert mask.all()
+    for row in prefix:
+        assert torch.equal(row, model.bridge.task_prompt)
+    model.loss(batch).backward()
+    zero_init = [p for name, p in model.bridge.named_parameters() if name != "task_prompt" and not p.any()]
+    assert zero_init and all(p.grad is not None and p.grad.abs().sum() > 0 for p in zero_init)
+    assert model.bridge.task_prompt.grad.abs().sum() > 0
 
 
 def test_batched_generation_equals_per_user(backbone):
@@ -117,11 +133,15 @@ def test_sampling_is_seeded_and_differs_from_greedy(backbone):
     assert torch.equal(a, b) and not torch.equal(a, greedy)
 
 
-def test_training_changes_only_lora_and_compression_embeddings(backbone):
+def test_training_changes_only_lora_compression_embeddings_and_bridge(backbone):
     model = ComMer(backbone, ComMerConfig(num_embeddings=K, lora_r=4))
     frozen_before = {k: v.clone() for k, v in backbone.model.state_dict().items() if "lora" not in k}
     trainable_before = {k: v.detach().clone() for k, v in model.trainable_state().items()}
-    assert trainable_before and all("lora" in k or k == "compression_embeddings" for k in trainable_before)
+    assert {"compression_embeddings", "bridge.task_prompt", "bridge.proj.weight"} < set(trainable_before)
+    assert all(
+        "lora" in k or k in ("compression_embeddings", "bridge.task_prompt", "bridge.proj.weight")
+        for k in trainable_before
+    )
     optimizer = torch.optim.AdamW(model.trainable_state().values(), lr=1e-2)
     batch = _collate(backbone, model)
     model.train()
@@ -155,7 +175,9 @@ def test_concat_merge_reads_k_per_document(backbone):
     model = _model(backbone, merge="concat")
     prefix, mask = model.prefix(_collate(backbone, model))
     assert prefix.shape == (3, 2 * K, 64)
-    assert mask.sum(1).tolist() == [2 * K, K, 0]
+    assert mask.sum(1).tolist() == [2 * K, K, K]  # carol: the task prompt
+    none = _model(tiny_backbone(), merge="concat", bridge="none")
+    assert none.prefix(_collate(backbone, none))[1].sum(1).tolist() == [2 * K, K, 0]
 
 
 @pytest.mark.parametrize("bad", [0, -3])

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import torch
 from _server import Server, auth, free_port
-from conftest import tiny_backbone
+from conftest import perturb_zero_init, tiny_backbone
 from fastapi.testclient import TestClient
 
 from commer.backbone import load_backbone, resolve_backbone_path
@@ -35,11 +35,13 @@ DOCS = ["i like the cat today", "my dog is the morning", "we read a book"]
 INSTRUCTION = "what do i like ?"
 
 
-def _personalizer(dtype: torch.dtype = torch.float32) -> Personalizer:
+def _personalizer(dtype: torch.dtype = torch.float32, bridge: str = "linear") -> Personalizer:
     backbone = tiny_backbone()
     backbone.model.to(dtype)
     torch.manual_seed(0)
-    return Personalizer.new(backbone, ComMerConfig(num_embeddings=4, lora_r=4))
+    p = Personalizer.new(backbone, ComMerConfig(num_embeddings=4, lora_r=4, bridge=bridge))
+    perturb_zero_init(p.model)
+    return p
 
 
 def _personalizer_with_k(k: int) -> Personalizer:
@@ -59,9 +61,10 @@ def _generator_input(p: Personalizer, profile) -> torch.Tensor:
     return seen[0][0]
 
 
+@pytest.mark.parametrize("bridge", ["none", "linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_request_holds_the_merged_profile_then_the_instruction(dtype):
-    p = _personalizer(dtype)
+def test_request_holds_the_soft_prompt_then_the_instruction(dtype, bridge):
+    p = _personalizer(dtype, bridge)
     profile = p.profile(DOCS)
     k, d = p.shape
     body = completion_request(p, profile, INSTRUCTION, max_tokens=8, model="smollm2")
@@ -69,19 +72,26 @@ def test_request_holds_the_merged_profile_then_the_instruction(dtype):
     prompt = p.collator.encode_prompt(INSTRUCTION)
     assert embeds.shape == (k + len(prompt), d) and embeds.dtype == dtype
     assert torch.equal(embeds, prompt_embeds(p, profile, INSTRUCTION))  # the wire gives back the exact tensor
-    assert torch.equal(embeds[:k], profile.mean(dtype))
+    mean = profile.mean(torch.float32)
+    bridged = mean if bridge == "none" else p.model.bridge.task_prompt + mean @ p.model.bridge.proj.weight.T
+    torch.testing.assert_close(embeds[:k], bridged.to(dtype))  # the profile's mean through the bridge
     assert torch.equal(embeds, _generator_input(p, profile))  # exactly the generator's prefill input
     assert body["max_tokens"] == 8 and body["model"] == "smollm2" and body["temperature"] == 0.0
     assert body["stop_token_ids"] == [p.tokenizer.eos_token_id]
 
 
-def test_a_user_without_documents_sends_only_the_instruction():
-    p = _personalizer()
+@pytest.mark.parametrize("bridge", ["none", "linear"])
+def test_a_user_without_documents_sends_the_task_prompt_or_nothing_before_the_instruction(bridge):
+    p = _personalizer(bridge=bridge)
     embeds = decode_embeds(completion_request(p, None, INSTRUCTION)["prompt_embeds"])
-    k = p.shape[0]
-    assert embeds.shape[0] == len(p.collator.encode_prompt(INSTRUCTION))
-    # commer's generator reads K masked slots (moved first, never attended to), then the same embeddings
-    assert torch.equal(embeds, _generator_input(p, None)[k:])
+    k, prompt = p.shape[0], len(p.collator.encode_prompt(INSTRUCTION))
+    if bridge == "none":
+        assert embeds.shape[0] == prompt
+        # commer's generator reads K masked slots (moved first, never attended to), then the same embeddings
+        assert torch.equal(embeds, _generator_input(p, None)[k:])
+    else:
+        assert embeds.shape[0] == k + prompt and torch.equal(embeds[:k], p.model.bridge.task_prompt.detach())
+        assert torch.equal(embeds, _generator_input(p, None))
     with pytest.raises(ValueError, match="does not fit"):
         prompt_embeds(p, _personalizer_with_k(2).profile(DOCS), INSTRUCTION)
 
@@ -183,14 +193,12 @@ def _healthy(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def smollm_commer(tmp_path_factory) -> tuple[Personalizer, str]:
-    """A ComMer on the embedded SmolLM2 whose LoRA is not zero (so compressions depend on it), and its checkpoint."""
+    """A ComMer on the embedded SmolLM2 whose LoRA and bridge map are not zero (so soft prompts depend on them), and
+    its checkpoint."""
     torch.manual_seed(0)
     backbone = load_backbone("smollm2-135m")
     model = ComMer(backbone, ComMerConfig(num_embeddings=8))
-    with torch.no_grad():
-        for name, param in model.trainable_state().items():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
+    perturb_zero_init(model, std=0.02, seed=0)
     folder = tmp_path_factory.mktemp("ckpt") / "checkpoint"
     save_checkpoint(model, folder)
     return Personalizer(model, backbone.tokenizer), str(folder)

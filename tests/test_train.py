@@ -79,7 +79,9 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, method):
 
 def test_early_stopping_when_validation_stops_improving(tmp_path):
     # all learning rates zero: validation perplexity can never improve after the first evaluation
-    trainer, _ = _run(tmp_path, max_steps=60, lr_compression=0.0, lr_lora=0.0, patience=2)
+    trainer, _ = _run(
+        tmp_path, max_steps=60, lr_compression=0.0, lr_lora=0.0, lr_soft_prompt=0.0, lr_bridge=0.0, patience=2
+    )
     summary = trainer.fit()
     assert summary["stopped_early"] and summary["steps"] == 9  # evals at 3 (best), 6 and 9 (no improvement)
 
@@ -94,3 +96,12 @@ def test_config_yaml_and_dotted_overrides(tmp_path):
         load_config(path, ["model.num_embedings=4"])
     with pytest.raises(ValueError, match="num_embeddings"):
         load_config(path, ["model.num_embeddings=0"])
+
+
+def test_each_trainable_tensor_gets_its_learning_rate():
+    model = build_model(tiny_backbone(), ComMerConfig(num_embeddings=2, lora_r=4))
+    groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr_soft_prompt=0.3, lr_bridge=0.2))}
+    assert groups["soft_prompt"]["lr"] == 0.3 and groups["bridge"]["lr"] == 0.2
+    assert [p is model.bridge.task_prompt for p in groups["soft_prompt"]["params"]] == [True]
+    assert [p is model.bridge.proj.weight for p in groups["bridge"]["params"]] == [True]
+    assert sum(len(g["params"]) for g in groups.values()) == len(model.trainable_state())

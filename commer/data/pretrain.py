@@ -3,7 +3,9 @@
 An example holds k documents (k uniform in ``[min_docs, max_docs]``), each cut to ``max_chars`` characters and written
 ``Document i: <text>`` (i from 1); the instruction is ``What does document n contain?`` for a random n and the answer
 is document n's text without its prefix. Texts come from FineWeb (streamed) or from a task's training profiles (the
-paper's "tweets" pretraining).
+paper's "tweets" pretraining). ``mixed_pretrain`` is the mix the shipped compressor is pretrained on: every FineWeb
+page cut into consecutive pieces (the pieces of one page are one "user", so held-out pages are unseen text) plus the
+profile documents of the *training* users of LaMP-7 and of the news task, never their test users.
 """
 
 from __future__ import annotations
@@ -29,6 +31,21 @@ def autoencoding_example(user_id: str, texts: Sequence[str], rng: random.Random,
     n = rng.randint(1, len(cut))
     documents = [f"Document {i}: {text}" for i, text in enumerate(cut, start=1)]
     return Example(user_id, documents, instruction=f"What does document {n} contain?", answer=cut[n - 1])
+
+
+def chunk_text(text: str, max_chars: int = DOC_CHARS) -> list[str]:
+    """Consecutive pieces of ``text`` of at most ``max_chars`` characters, cut at whitespace where possible."""
+    words, pieces, current = text.split(), [], ""
+    for word in words:
+        word = word[:max_chars]
+        if current and len(current) + 1 + len(word) > max_chars:
+            pieces.append(current)
+            current = word
+        else:
+            current = f"{current} {word}" if current else word
+    if current:
+        pieces.append(current)
+    return pieces
 
 
 def _check_range(min_docs: int, max_docs: int) -> None:
@@ -104,3 +121,37 @@ def profile_pretrain_examples(
             continue
         size = rng.randint(min(min_docs, len(texts)), min(max_docs, len(texts)))
         yield autoencoding_example(user_id, rng.sample(texts, size), rng, max_chars)
+
+
+def fineweb_page_examples(
+    data_dir: str | Path | None = None,
+    min_docs: int = MIN_DOCS,
+    max_docs: int = MAX_DOCS,
+    seed: int = 0,
+    max_chars: int = DOC_CHARS,
+    max_pieces_per_page: int = 64,
+) -> Iterator[Example]:
+    """Auto-encoding examples over consecutive pieces of each FineWeb page; user id ``fineweb-page-<i>`` per page."""
+    _check_range(min_docs, max_docs)
+    rng = random.Random(seed)
+    path = resolve_data_dir(data_dir) / FINEWEB_FILE
+    for page, text in enumerate(iter_fineweb(path)):
+        pieces = chunk_text(text, max_chars)[:max_pieces_per_page]
+        while pieces:
+            n = rng.randint(min_docs, max_docs)
+            group, pieces = pieces[:n], pieces[n:]
+            yield autoencoding_example(f"fineweb-page-{page}", group, rng, max_chars)
+
+
+def mixed_pretrain(
+    data_dir: str | Path | None, max_docs: int, seed: int, profile_tasks: dict[str, list[Example]]
+) -> list[Example]:
+    """FineWeb page pieces plus two passes over each given task's (training) profiles, 1..``max_docs`` documents
+    per example. ``profile_tasks`` maps a task name to its training users' examples (their documents)."""
+    examples = list(fineweb_page_examples(data_dir, MIN_DOCS, max_docs, seed))
+    for task, profiles in profile_tasks.items():
+        for repeat in range(2):
+            for ex in profile_pretrain_examples(profiles, MIN_DOCS, max_docs, seed + repeat):
+                # one user id per (task, user): a profile's examples stay in one pretraining split
+                examples.append(Example(f"{task}-{ex.user_id}", ex.documents, ex.instruction, ex.answer))
+    return examples

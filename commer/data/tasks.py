@@ -9,18 +9,27 @@ from commer.data.example import Example
 from commer.data.lamp import load_lamp7
 from commer.data.news import load_news
 from commer.data.perltqa import load_perltqa
-from commer.data.pretrain import fineweb_pretrain
+from commer.data.pretrain import fineweb_pretrain, mixed_pretrain
 from commer.data.recall import recall_examples
 from commer.data.splits import DEFAULT_FRACTIONS, MAX_EXAMPLE_CHARS, Loaded, SplitInfo, filter_by_length, split_users
 
-TASKS = ("lamp7", "news", "perltqa", "pretrain", "recall")
-# n = the paper's largest for tweets, the middle of the sweeps elsewhere; for pretrain it is the most documents.
-DEFAULT_N_DOCS = {"lamp7": 8, "news": 4, "perltqa": 4, "pretrain": 8, "recall": 4}
+TASKS = ("lamp7", "news", "perltqa", "pretrain", "pretrain-mix", "recall")
+# n = the paper's largest for tweets, the middle of the sweeps elsewhere; for pretraining it is the most documents.
+DEFAULT_N_DOCS = {"lamp7": 8, "news": 4, "perltqa": 4, "pretrain": 8, "pretrain-mix": 4, "recall": 4}
+PROFILE_TASKS = ("lamp7", "news")  # whose training users' profile documents join FineWeb in "pretrain-mix"
+PROFILE_DOCS = 32  # documents per profile read for pretraining (top-32 by BM25: most of a profile)
 RECALL_USERS = 5000  # synthetic, so as many as a long run can use
 
 
 def _one_example_per_user(examples: list[Example]) -> Loaded:
     return Loaded(examples, profile_sizes={e.user_id: len(e.documents) for e in examples})
+
+
+def _training_profiles(task: str, data_dir: str | Path | None, seed: int) -> list[Example]:
+    """The training users' examples of ``task`` under the split of ``load_splits(task, seed=seed)``: their documents
+    are what pretraining may read (validation and test users' documents never are)."""
+    loaded = LOADERS[task](data_dir, PROFILE_DOCS, seed)
+    return split_users((e.user_id for e in loaded.examples), DEFAULT_FRACTIONS, seed).apply(loaded.examples)["train"]
 
 
 LOADERS: dict[str, Callable[[str | Path | None, int, int], Loaded]] = {
@@ -29,6 +38,9 @@ LOADERS: dict[str, Callable[[str | Path | None, int, int], Loaded]] = {
     "perltqa": load_perltqa,
     "pretrain": lambda data_dir, n, seed: _one_example_per_user(
         list(fineweb_pretrain(data_dir, max_docs=n, seed=seed))
+    ),
+    "pretrain-mix": lambda data_dir, n, seed: Loaded(
+        mixed_pretrain(data_dir, n, seed, {t: _training_profiles(t, data_dir, seed) for t in PROFILE_TASKS})
     ),
     # made in code: there is no data directory to read
     "recall": lambda data_dir, n, seed: _one_example_per_user(recall_examples(RECALL_USERS, n, seed)),
