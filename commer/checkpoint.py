@@ -105,7 +105,7 @@ def load_trainable(model: SoftPromptLM, path: str | Path) -> dict[str, Any]:
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     _check_backbone(meta, path, model.backbone_name, model.backbone_fingerprint)
-    saved, own_config = meta.get("config", {}), model.config.to_dict()
+    saved, own_config = meta["config"], model.config.to_dict()
     differ = [
         f"{f}={saved.get(f)!r} (model: {own_config[f]!r})" for f in STRUCTURE_FIELDS if saved.get(f) != own_config[f]
     ]

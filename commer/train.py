@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 class DataConfig:
     """Which examples to train on (see ``commer.data.tasks``)."""
 
-    task: str = "lamp7"  # lamp7 | news | perltqa | pretrain-fineweb | pretrain-profiles
+    task: str = "lamp7"  # one of commer.data.tasks.TASKS: lamp7, news, perltqa, pretrain, pretrain-mix, recall
     data_dir: str | None = None  # default: ../shared/data when it exists, else $COMMER_DATA
     n_docs: int = 4  # documents per example (top-n by BM25 for LaMP)
     max_train_examples: int | None = None
@@ -108,9 +108,18 @@ def _build(cls, values: dict[str, Any], where: str):
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; known: {', '.join(known)}")
     kwargs = {}
+    defaults = cls()
     for name, value in values.items():
-        default = getattr(cls(), name) if name in ("model", "data", "train") else None
-        kwargs[name] = _build(type(default), value or {}, f"{where}{name}.") if is_dataclass(default) else value
+        default = getattr(defaults, name)
+        if is_dataclass(default):
+            value = _build(type(default), value or {}, f"{where}{name}.")
+        elif isinstance(default, float) and isinstance(value, str):
+            # YAML reads 1e-3 (no dot) as a string: a float field takes any number a user writes
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{where}{name} must be a number, got {value!r}") from None
+        kwargs[name] = value
     return cls(**kwargs)
 
 

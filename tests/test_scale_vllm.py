@@ -72,8 +72,8 @@ def test_request_holds_the_soft_prompt_then_the_instruction(dtype, bridge):
     prompt = p.collator.encode_prompt(INSTRUCTION)
     assert embeds.shape == (k + len(prompt), d) and embeds.dtype == dtype
     assert torch.equal(embeds, prompt_embeds(p, profile, INSTRUCTION))  # the wire gives back the exact tensor
-    mean = profile.mean(torch.float32)
-    bridged = mean if bridge == "none" else p.model.bridge.task_prompt + mean @ p.model.bridge.proj.weight.T
+    mean = profile.mean(dtype)
+    bridged = mean if bridge == "none" else p.model.bridge.task_prompt + mean.float() @ p.model.bridge.proj.weight.T
     torch.testing.assert_close(embeds[:k], bridged.to(dtype))  # the profile's mean through the bridge
     assert torch.equal(embeds, _generator_input(p, profile))  # exactly the generator's prefill input
     assert body["max_tokens"] == 8 and body["model"] == "smollm2" and body["temperature"] == 0.0

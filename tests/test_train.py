@@ -92,6 +92,10 @@ def test_config_yaml_and_dotted_overrides(tmp_path):
     config = load_config(path, ["model.num_embeddings=16", "train.max_steps=5", "data.n_docs=2"])
     assert config.model.num_embeddings == 16 and config.train.max_steps == 5 and config.data.n_docs == 2
     assert config.train.lr_lora == 1e-4
+    # YAML reads 1e-3 (no dot) as a string; a float field still gets the number, and a non-number is named
+    assert load_config(path, ["train.lr_lora=1e-3"]).train.lr_lora == 1e-3
+    with pytest.raises(ValueError, match="train.lr_lora must be a number, got 'fast'"):
+        load_config(path, ["train.lr_lora=fast"])
     with pytest.raises(ValueError, match="unknown config key.*model.num_embedings"):
         load_config(path, ["model.num_embedings=4"])
     with pytest.raises(ValueError, match="num_embeddings"):
