@@ -17,11 +17,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from commer.backbone import load_backbone
 from commer.batch import Batch
+from commer.checkpoint import load_checkpoint
 from commer.config import ComMerConfig
 from commer.data.collate import Collator, documents_as_text
 from commer.data.example import Example
-from commer.model import SoftPromptLM
+from commer.data.tasks import load_splits
+from commer.model import ComMer, SoftPromptLM
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -334,11 +337,6 @@ def evaluate_heldout(
     """``compare_documents`` for a checkpoint (a folder, ``"pretrained"``, or ``None``: the frozen backbone alone) on
     the first ``users`` users of a task's ``split`` (split by user with ``seed``, as training splits them; one example
     each; only ids starting with ``user_prefix``). Returns the comparison and a record of what was run."""
-    from commer.backbone import load_backbone
-    from commer.checkpoint import load_checkpoint
-    from commer.data.tasks import load_splits
-    from commer.model import ComMer
-
     splits, info = load_splits(task, data_dir, n_docs, seed)
     if split not in splits:
         raise ValueError(f"split must be one of {', '.join(splits)}, got {split!r}")

@@ -13,7 +13,9 @@ from commer.batch import Batch
 from commer.config import ComMerConfig
 from commer.data.collate import Collator
 from commer.data.example import Example
+from commer.merge import stack_profiles
 from commer.model import ComMer, DocumentTooLongError, PromptTuning
+from commer.pipeline import Personalizer
 
 K = 4
 
@@ -213,3 +215,20 @@ def test_embedding_norm_option_rescales_compressions(backbone):
     torch.testing.assert_close(norms, expected.expand_as(norms), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="compression_norm must be"):
         ComMerConfig(compression_norm="unit")
+
+
+def test_a_stored_profile_answers_as_the_batch_does(backbone):
+    """The store's path (compress each document, keep the running sum, bridge the mean at answer time) and the batch
+    path (compress, merge, bridge) give the same soft prompt and the same greedy answer."""
+    model = _model(backbone)
+    personalizer = Personalizer(model, backbone.tokenizer)
+    profiles = [personalizer.profile(ex.documents) for ex in EXAMPLES]
+    merged, mask = stack_profiles(profiles, K, 64, torch.float32, "cpu")
+    stored = model.soft_prompt(merged, mask)[0]
+    batched = model.prefix(_collate(backbone, model))[0]
+    torch.testing.assert_close(stored, batched, atol=1e-5, rtol=0)
+    answers = personalizer.generate(profiles, [ex.instruction for ex in EXAMPLES], max_new_tokens=6)
+    tokens = model.generate(
+        _collate(backbone, model, with_answers=False), eos_token_id=2, pad_token_id=1, max_new_tokens=6
+    )
+    assert answers == [backbone.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens.tolist()]
