@@ -23,7 +23,8 @@ def merge_batch(
         batch_size: number of users ``B``; a user may own no document.
     Returns:
         ``prefix (B, P, D)`` and ``prefix_mask (B, P)`` (bool). ``mean``: ``P = K``; ``concat``: ``P = K * max_n``.
-        A user without documents has an all-False mask: the generator then reads no soft prompt at all.
+        A user without documents has an all-False mask (``ComMer.soft_prompt`` then gives the task prompt, or nothing
+        with the paper's bridge "none").
     """
     n_docs, k, d = compressions.shape
     counts = torch.bincount(owner, minlength=batch_size)  # (B,)

@@ -122,7 +122,7 @@ def test_interrupted_sweep_resumes_without_repeating_work(config, monkeypatch):
     assert resumed["finished"] and resumed["evaluated"] == 6 and idle["evaluated"] == 0
 
     by = {(r["method"], r.get("test_docs"), r.get("pretrained")): r for r in rows}
-    assert by["commer-mean", 0, False]["soft_prompt_tokens"] == 0  # no documents: no soft prompt
+    assert by["commer-mean", 0, False]["soft_prompt_tokens"] == 2  # no documents: the bridge's task prompt (K=2)
     assert by["commer-concat", 2, False]["soft_prompt_tokens"] == 4
     assert (
         by["prompt-tuning", 4, False]["generator_prompt_tokens"]

@@ -12,8 +12,9 @@ from commer.experiments.table import ResultsTable, read_run_info
 
 COST_DEFINITION = (
     "**Cost** is counted in prompt tokens, from the collated tensors the models read. *Soft prompt tokens*: vectors "
-    "before the text prompt: K for ComMer-mean (0 for a user without documents, whose soft prompt is masked out), "
-    "K x n for ComMer-concat, K for prompt tuning and concat-then-compress. *Generator prompt tokens*: everything the "
+    "before the text prompt: K for ComMer-mean (for a user without documents the bridge's K-vector task prompt, or "
+    "0 with the paper's bridge 'none', whose soft prompt is masked out), K x n for ComMer-concat, K for prompt tuning "
+    "and concat-then-compress. *Generator prompt tokens*: everything the "
     "generator reads before its first new token: the soft prompt plus the text prompt (the instruction in the chat "
     "template; for prompt tuning also every document as text). The paper counts K for ComMer; we count the "
     "instruction too, for both methods alike. ComMer's compressor also reads each document once (shown as "
@@ -21,10 +22,10 @@ COST_DEFINITION = (
 )
 
 BASELINES = (
-    "**No personalization** is every row with test n = 0: ComMer without documents is the frozen LLM reading only "
-    "the instruction (its soft prompt is masked out); prompt tuning without documents reads its trained soft prompt "
-    "and the instruction. *commer-concat* and *commer-concat-compress* are the mean-trained ComMer model merged "
-    "differently at test time unless marked *(trained so)*."
+    "**No personalization** is every row with test n = 0: ComMer without documents reads the bridge's trained task "
+    "prompt and the instruction (with the paper's bridge 'none', only the instruction); prompt tuning without "
+    "documents reads its trained soft prompt and the instruction. *commer-concat* and *commer-concat-compress* are "
+    "the mean-trained ComMer model merged differently at test time unless marked *(trained so)*."
 )
 NOTES = "notes.md"
 
