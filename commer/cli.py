@@ -133,6 +133,7 @@ def evaluate(
     with_text: bool = typer.Option(False, help="Also score the documents folded into the request as text."),
     seed: int = typer.Option(0, help="The user split's seed (training's data.split_seed)."),
     users_matching: str = typer.Option("", help="Only users whose id starts with this (e.g. fineweb-page-)."),
+    per_user: int = typer.Option(1, min=1, help="Examples per user (news: an author has many)."),
     output: Path | None = typer.Option(None, help="Write the numbers and what was run as JSON here."),
 ) -> None:
     """Do the documents carry the user? Held-out users with their own documents, another user's, and none."""
@@ -149,8 +150,12 @@ def evaluate(
         with_text,
         seed=seed,
         user_prefix=users_matching,
+        per_user=per_user,
     )
-    typer.echo(f"{task}, {record['users']} {split} users, {n_docs} documents each, checkpoint {checkpoint}")
+    typer.echo(
+        f"{task}, {record['examples']} examples of {record['users']} {split} users, {n_docs} documents each, "
+        f"checkpoint {checkpoint}"
+    )
     typer.echo(comparison.table())
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

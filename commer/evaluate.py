@@ -228,14 +228,19 @@ OWN, OTHER, NONE, TEXT = "own documents", "another user's documents", "no docume
 
 
 def document_variants(examples: Sequence[Example], with_text: bool = False) -> dict[str, list[Example]]:
-    """The same requests and gold answers with the user's own documents, with the next user's (equally informative,
-    but not theirs), with none, and (``with_text``) with the documents folded into the request as text."""
+    """The same requests and gold answers with the user's own documents, with the next other user's (equally
+    informative, but not theirs), with none, and (``with_text``) with the documents folded into the request as text."""
     n = len(examples)
+    if len({ex.user_id for ex in examples}) < 2:
+        raise ValueError("comparing own with another user's documents needs examples of at least two users")
+
+    def next_user(i: int) -> Example:  # the next example (cyclically) that belongs to someone else
+        return next(examples[(i + j) % n] for j in range(1, n) if examples[(i + j) % n].user_id != examples[i].user_id)
+
     variants = {
         OWN: list(examples),
         OTHER: [
-            Example(ex.user_id, examples[(i + 1) % n].documents, ex.instruction, ex.answer)
-            for i, ex in enumerate(examples)
+            Example(ex.user_id, next_user(i).documents, ex.instruction, ex.answer) for i, ex in enumerate(examples)
         ],
         NONE: [Example(ex.user_id, [], ex.instruction, ex.answer) for ex in examples],
     }
@@ -333,18 +338,20 @@ def evaluate_heldout(
     seed: int = 0,
     backbone: str = "smollm2-135m",
     user_prefix: str = "",
+    per_user: int = 1,
 ) -> tuple[Comparison, dict[str, Any]]:
     """``compare_documents`` for a checkpoint (a folder, ``"pretrained"``, or ``None``: the frozen backbone alone) on
-    the first ``users`` users of a task's ``split`` (split by user with ``seed``, as training splits them; one example
-    each; only ids starting with ``user_prefix``). Returns the comparison and a record of what was run."""
+    the first ``users`` users of a task's ``split`` (split by user with ``seed``, as training splits them; up to
+    ``per_user`` examples each; only ids starting with ``user_prefix``). Returns the comparison and a record of what
+    was run."""
     splits, info = load_splits(task, data_dir, n_docs, seed)
     if split not in splits:
         raise ValueError(f"split must be one of {', '.join(splits)}, got {split!r}")
-    firsts: dict[str, Example] = {}  # one example per user (pretraining has many per FineWeb page)
+    chosen: dict[str, list[Example]] = {}  # up to per_user examples of each user (a FineWeb page has dozens)
     for ex in splits[split]:
-        if ex.user_id.startswith(user_prefix):
-            firsts.setdefault(ex.user_id, ex)
-    examples = list(firsts.values())[:users]
+        if ex.user_id.startswith(user_prefix) and len(chosen.setdefault(ex.user_id, [])) < per_user:
+            chosen[ex.user_id].append(ex)
+    examples = [ex for user_examples in list(chosen.values())[:users] for ex in user_examples]
     if not examples:
         raise ValueError(f"no {split} users of {task} whose id starts with {user_prefix!r}")
     bb = load_backbone(backbone)
@@ -367,7 +374,8 @@ def evaluate_heldout(
         "task": task,
         "n_docs": n_docs,
         "split": split,
-        "users": len(examples),
+        "users": min(len(chosen), users),
+        "examples": len(examples),
         "user_prefix": user_prefix,
         "split_info": info.to_dict(with_users=False),
         "config": model.config.to_dict(),

@@ -175,3 +175,10 @@ def test_compare_documents_scores_every_variant_consistently():
     assert set(result.rouge) == {*variants, "copy input"} and set(result.answer_accuracy) == set(variants)
     assert contains_answer("I think Jazz.", "jazz") and not contains_answer("rock", "jazz")
     assert OWN in result.table()
+
+
+def test_another_users_documents_never_come_from_the_same_user():
+    authors = [Example("a", ["a1"], "q", "x"), Example("a", ["a2"], "q", "y"), Example("b", ["b1"], "q", "z")]
+    assert [ex.documents for ex in document_variants(authors)[OTHER]] == [["b1"], ["b1"], ["a1"]]
+    with pytest.raises(ValueError, match="at least two users"):
+        document_variants(authors[:2])
