@@ -1,8 +1,8 @@
 """Generation through a vLLM server: ComMer's generator is the frozen backbone, so vLLM can run it.
 
 A user's soft prompt (the profile's mean through the model's bridge, ``(K, D)``) followed by the embedded instruction
-tokens is exactly the input ``SoftPromptLM.decode_steps`` gives the backbone; vLLM takes such a sequence as *prompt embeddings*: a server
-started with ``vllm serve MODEL_FOLDER --enable-prompt-embeds`` accepts ``/v1/completions`` requests whose
+tokens is exactly the input ``SoftPromptLM.decode_steps`` gives the backbone; vLLM takes such a sequence as *prompt
+embeddings*: a server started with ``vllm serve MODEL_FOLDER --enable-prompt-embeds`` accepts ``/v1/completions`` requests whose
 ``prompt_embeds`` is the base64 of a ``torch.save``d ``(sequence_length, hidden_size)`` tensor (vLLM's "Prompt
 Embedding Inputs"). The local model still compresses documents; only decoding moves to vLLM.
 
