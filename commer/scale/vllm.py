@@ -2,9 +2,9 @@
 
 A user's soft prompt (the profile's mean through the model's bridge, ``(K, D)``) followed by the embedded instruction
 tokens is exactly the input ``SoftPromptLM.decode_steps`` gives the backbone; vLLM takes such a sequence as *prompt
-embeddings*: a server started with ``vllm serve MODEL_FOLDER --enable-prompt-embeds`` accepts ``/v1/completions`` requests whose
-``prompt_embeds`` is the base64 of a ``torch.save``d ``(sequence_length, hidden_size)`` tensor (vLLM's "Prompt
-Embedding Inputs"). The local model still compresses documents; only decoding moves to vLLM.
+embeddings*: a server started with ``vllm serve MODEL_FOLDER --enable-prompt-embeds`` accepts ``/v1/completions``
+requests whose ``prompt_embeds`` is the base64 of a ``torch.save``d ``(sequence_length, hidden_size)`` tensor (vLLM's
+"Prompt Embedding Inputs"). The local model still compresses documents; only decoding moves to vLLM.
 
 >>> body = completion_request(personalizer, store.get_profile("acme", "alice"), "Plan my weekend.", max_tokens=64)
 >>> httpx.post("http://vllm:8000/v1/completions", json=body).json()["choices"][0]["text"]
