@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from commer.backbone import load_backbone
+from commer.backbone import DEFAULT_BACKBONE, load_backbone
 from commer.batch import Batch
 from commer.checkpoint import load_checkpoint
 from commer.config import ComMerConfig
@@ -336,7 +336,7 @@ def evaluate_heldout(
     with_text: bool = False,
     max_new_tokens: int = 48,
     seed: int = 0,
-    backbone: str = "smollm2-135m",
+    backbone: str = DEFAULT_BACKBONE,
     user_prefix: str = "",
     per_user: int = 1,
 ) -> tuple[Comparison, dict[str, Any]]:

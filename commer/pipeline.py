@@ -61,6 +61,17 @@ class Personalizer:
             raise ValueError(f"a profile of shape {profile.shape} does not fit this model's {self.shape}")
 
     @torch.no_grad()
+    def soft_prompts(self, profiles: Sequence[ProfileState | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the generator reads for each profile: ``(B, P, D)`` soft prompts in the backbone's dtype, on the
+        model's device, and their ``(B, P)`` mask (the profiles' means through the model's bridge)."""
+        for profile in profiles:
+            self.check_profile(profile)
+        dtype = self.model.lm.get_input_embeddings().weight.dtype
+        merged, mask = stack_profiles(list(profiles), *self.shape, dtype=dtype, device=self.model.device)
+        prefix, mask = self.model.soft_prompt(merged, mask)
+        return prefix.to(dtype), mask
+
+    @torch.no_grad()
     def compress(self, documents: Sequence[str], batch_size: int = 16) -> torch.Tensor:
         """``(n, K, D)`` compressions of ``documents`` (float32, on the CPU), in batches of similar lengths."""
         if not documents:
@@ -115,13 +126,8 @@ class Personalizer:
             raise ValueError(f"{len(profiles)} profiles but {len(instructions)} instructions")
         if not instructions:
             return
-        for profile in profiles:
-            self.check_profile(profile)
         device = self.model.device
-        dtype = self.model.lm.get_input_embeddings().weight.dtype
-        prefix, prefix_mask = self.model.soft_prompt(
-            *stack_profiles(list(profiles), *self.shape, dtype=dtype, device=device)
-        )
+        prefix, prefix_mask = self.soft_prompts(profiles)
         ids, mask = self.collator.pad([self.collator.encode_prompt(x) for x in instructions])
         steps = self.model.decode_steps(
             prefix,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from commer.merge import ProfileState, stack_profiles
+from commer.merge import ProfileState
 
 if TYPE_CHECKING:
     import httpx
@@ -42,14 +42,11 @@ def prompt_embeds(personalizer: Personalizer, profile: ProfileState | None, inst
     """``(K + L, D)`` in the backbone's dtype, on the CPU: the profile's soft prompt (its mean through the model's
     bridge; nothing for a profile without documents when the bridge is ``none``) followed by the embedded prompt
     tokens, as commer's own generator reads them."""
-    personalizer.check_profile(profile)
+    prefix, mask = personalizer.soft_prompts([profile])  # (1, K, D): as commer's own generator reads it
     model = personalizer.model
-    dtype = model.lm.get_input_embeddings().weight.dtype
     ids = torch.tensor(personalizer.collator.encode_prompt(instruction), device=model.device)
     tokens = model.embed(ids)  # (L, D)
-    merged, mask = stack_profiles([profile], *personalizer.shape, dtype=dtype, device=model.device)
-    prefix, mask = model.soft_prompt(merged, mask)  # (1, K, D): the bridge's soft prompt, as commer's generator reads
-    return torch.cat([prefix[0][mask[0]].to(dtype), tokens]).cpu()
+    return torch.cat([prefix[0][mask[0]], tokens]).cpu()
 
 
 def encode_embeds(embeds: torch.Tensor) -> str:
