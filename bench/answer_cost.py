@@ -21,11 +21,10 @@ import torch
 
 from commer.backbone import load_backbone
 from commer.config import ComMerConfig
-from commer.data.collate import Collator
-from commer.data.example import Example
 from commer.data.lamp import load_lamp7
 from commer.evaluate import autocast, prompt_cost
 from commer.model import ComMer, PromptTuning
+from commer.text import Collator, Example
 
 DOCS = (1, 4, 8)
 

@@ -19,8 +19,8 @@ import torch
 
 from commer.backbone import load_backbone
 from commer.config import ComMerConfig
-from commer.data.collate import Collator
 from commer.model import ComMer
+from commer.text import Collator
 
 
 def tweets(data_dir: Path, n: int) -> list[str]:

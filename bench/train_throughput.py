@@ -19,9 +19,9 @@ import torch
 
 from commer.backbone import load_backbone
 from commer.config import ComMerConfig
-from commer.data.collate import Collator
 from commer.data.tasks import load_splits
 from commer.model import ComMer
+from commer.text import Collator
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ import torch
 from commer.backbone import load_backbone
 from commer.config import ComMerConfig
 from commer.data.recall import recall_examples
-from commer.pipeline import Personalizer
 from commer.scale.vllm import VLLMGenerator, completion_request
+from commer.serving import Personalizer
 
 
 def main() -> None:

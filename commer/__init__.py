@@ -7,7 +7,7 @@ from commer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from commer.config import ComMerConfig  # noqa: E402
 from commer.merge import ProfileState  # noqa: E402
 from commer.model import ComMer, PromptTuning, build_model  # noqa: E402
-from commer.pipeline import Personalizer  # noqa: E402
+from commer.serving import Personalizer  # noqa: E402
 
 __all__ = [
     "Backbone",

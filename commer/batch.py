@@ -1,4 +1,4 @@
-"""The tensors a model step reads. Built by ``commer.data.collate``; the models never see text."""
+"""The tensors a model step reads. Built by ``commer.text``; the models never see text."""
 
 from __future__ import annotations
 

@@ -12,10 +12,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from commer import __version__
 from commer.backbone import Backbone, load_backbone
 from commer.config import ComMerConfig
+from commer.errors import CommerError
 from commer.model import SoftPromptLM, build_model
+from commer.version import __version__
 
 WEIGHTS = "trainable.safetensors"
 META = "commer.json"
@@ -26,7 +27,7 @@ PRETRAINED = "pretrained"
 PRETRAINED_PATH = Path(__file__).parent / "pretrained" / "smollm2-135m"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CommerError, ValueError):
     """A checkpoint is missing, malformed, or does not belong to the backbone it is loaded on."""
 
 

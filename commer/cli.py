@@ -8,6 +8,10 @@ from pathlib import Path
 
 import typer
 
+from commer.config import DEFAULT_K, ComMerConfig, help_of
+from commer.errors import CommerError
+from commer.service.cli import BACKBONE, CHECKPOINT, K, register
+
 app = typer.Typer(help="ComMer: personalize a frozen LLM with each user's documents.", no_args_is_help=True)
 
 DEMO_USERS = {
@@ -27,24 +31,19 @@ DEMO_INSTRUCTION = "Write a short tweet about my plans for Saturday."
 
 @app.command()
 def demo(
-    backbone: str = typer.Option("smollm2-135m", help="Backbone: 'smollm2-135m', a model folder or a hub id."),
-    checkpoint: Path | None = typer.Option(None, help="A trained checkpoint (default: an untrained ComMer)."),
-    num_embeddings: int = typer.Option(16, "--k", help="K, compression embeddings per document (untrained model)."),
+    backbone: str = BACKBONE,
+    checkpoint: str | None = CHECKPOINT,
+    num_embeddings: int = K,
     max_new_tokens: int = typer.Option(48, help="Tokens to generate per answer."),
 ) -> None:
     """Compress a few documents for two users and generate a personalized answer for each."""
-    from commer.backbone import load_backbone
-    from commer.config import ComMerConfig
-    from commer.pipeline import Personalizer
+    from commer.serving import load_personalizer
 
     start = time.perf_counter()
-    bb = load_backbone(backbone)
-    typer.echo(f"backbone {bb.name} (fingerprint {bb.fingerprint}) loaded in {time.perf_counter() - start:.1f}s")
     if checkpoint is None:
         typer.echo("no --checkpoint given: the compressor is untrained, so answers show the mechanics, not quality")
-        personalizer = Personalizer.new(bb, ComMerConfig(num_embeddings=num_embeddings))
-    else:
-        personalizer = Personalizer.from_checkpoint(checkpoint, bb)
+    personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
+    typer.echo(f"model loaded in {time.perf_counter() - start:.1f}s")
     k, d = personalizer.shape
     profiles = {}
     for user, docs in DEMO_USERS.items():
@@ -66,13 +65,13 @@ def quickstart(
     output_dir: Path = typer.Option(Path("runs/quickstart"), help="Where checkpoints, logs and results go."),
     task: str = typer.Option("lamp7", help="Fine-tune on 'lamp7' or on 'recall', the synthetic recall probe."),
     data_dir: str | None = typer.Option(None, help="The shared data folder (default ../shared/data)."),
-    backbone: str = typer.Option("smollm2-135m"),
+    backbone: str = BACKBONE,
     init: str = typer.Option(
         "pretrained", help="Start from a checkpoint folder, 'pretrained' (the shipped compressor) or 'none'."
     ),
-    k: int = typer.Option(8, help="Compression embeddings per document (--init none only)."),
-    compression_norm: str = typer.Option("none", help="'embedding': rescale compressions (--init none only)."),
-    bridge: str = typer.Option("linear", help="none | linear | gate | mlp (--init none only)."),
+    k: int = typer.Option(DEFAULT_K, help=help_of(ComMerConfig, "num_embeddings") + " --init none only."),
+    compression_norm: str = typer.Option("none", help=help_of(ComMerConfig, "compression_norm") + " --init none only."),
+    bridge: str = typer.Option("linear", help=help_of(ComMerConfig, "bridge") + " --init none only."),
     n_docs: int = typer.Option(2, help="Documents per user (LaMP-7: the top-n by BM25)."),
     pretrain_steps: int = typer.Option(0, help="FineWeb auto-encoding steps before fine-tuning."),
     finetune_steps: int = typer.Option(80),
@@ -105,18 +104,30 @@ def quickstart(
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="A run config, e.g. configs/lamp7.yaml."),
-    overrides: list[str] = typer.Option([], "--set", help="Dotted override, e.g. --set model.num_embeddings=16."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Dotted override, e.g. --set train.max_steps=100 (`commer config-keys` lists every key)."
+    ),
     init: str | None = typer.Option(
         None, help="Start from a checkpoint folder or 'pretrained' (the shipped compressor): train.init_from."
     ),
 ) -> None:
     """Train ComMer or the prompt-tuning baseline as a run config says (resumes from OUTPUT_DIR/last)."""
-    from commer.train import load_config, run
+    from commer.config import load_config
+    from commer.train import run
 
     if init is not None:
         overrides = [*overrides, f"train.init_from={init}"]
     summary = run(load_config(config, overrides))
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("config-keys")
+def config_keys_command() -> None:
+    """Every key of a run config (the YAML of `commer train`, or `--set key=value`): its default and what it does."""
+    from commer.config import RunConfig, config_keys
+
+    for key, default, text in config_keys(RunConfig):
+        typer.echo(f"{key} = {default!r}\n    {text}")
 
 
 @app.command()
@@ -166,9 +177,9 @@ def evaluate(
 def compress_corpus(
     input_path: Path = typer.Argument(..., help="Documents: a .jsonl file, a .parquet file or a folder of them."),
     output: Path = typer.Option(..., help="New folder for profiles/ (and documents/) as Parquet."),
-    checkpoint: Path | None = typer.Option(None, help="Trained checkpoint (default: an untrained ComMer)."),
-    backbone: str = typer.Option("smollm2-135m", help="Backbone: 'smollm2-135m', a model folder or a hub id."),
-    num_embeddings: int = typer.Option(16, "--k", help="K, compression embeddings per document (untrained model)."),
+    checkpoint: str | None = CHECKPOINT,
+    backbone: str = BACKBONE,
+    num_embeddings: int = K,
     engine: str = typer.Option("local", help="'local' (this process) or 'ray' (Ray Data on a cluster)."),
     address: str | None = typer.Option(None, help="Ray cluster address (default: a new local cluster)."),
     workers: int = typer.Option(2, min=1, help="Model replicas (Ray); each takes one GPU when the cluster has GPUs."),
@@ -187,7 +198,7 @@ def compress_corpus(
     summary = run_corpus(
         input_path,
         output,
-        ModelSpec(str(checkpoint) if checkpoint else None, backbone, num_embeddings),
+        ModelSpec(checkpoint, backbone, num_embeddings),
         Columns(user_column, text_column, id_column),
         engine=engine,
         per_document=per_document,
@@ -231,13 +242,12 @@ def report_command(results_dir: Path = typer.Argument(..., help="A folder holdin
     from commer.experiments import write_report
 
     if not (results_dir / "results.jsonl").is_file():
-        raise FileNotFoundError(f"no results table at {results_dir / 'results.jsonl'}: run `commer sweep` first")
+        raise CommerError(f"no results table at {results_dir / 'results.jsonl'}: run `commer sweep` first")
     typer.echo(f"wrote {write_report(results_dir)}")
 
 
 # sub-commands of other modules, registered after the app exists
 from commer.data.cli import data_app  # noqa: E402
-from commer.service.cli import register  # noqa: E402
 
 app.add_typer(data_app, name="data", help="Datasets: statistics of what you train on.")
 register(app)
@@ -248,15 +258,12 @@ def main() -> None:
     (``COMMER_DEBUG=1`` shows the traceback)."""
     import os
 
-    from commer.store import StoreError
-
     try:
         app()
-    except (ValueError, StoreError, FileNotFoundError) as err:
+    except CommerError as err:
         if os.environ.get("COMMER_DEBUG") == "1":
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        typer.secho(f"error: {message}", err=True, fg="red")
+        typer.secho(f"error: {err}", err=True, fg="red")
         raise SystemExit(2) from None
 
 

@@ -1,13 +1,22 @@
-"""Typed configuration of the two soft-prompt methods.
+"""Every configuration of commer, typed, in one place: the method (``ComMerConfig``), and a training run's data,
+optimisation and whole run (``DataConfig``, ``TrainConfig``, ``RunConfig``).
 
-A config is plain data: it is validated once, in ``__post_init__``, with errors that name the field and the value,
-and it round-trips through a dict (for the JSON written next to every checkpoint).
+A config is plain data. Each field carries its help text (``field(metadata={"help": ...})``, as in peft), which the
+command line shows; each default is defined here once and imported wherever it is needed (``DEFAULT_K``). A config is
+validated once, in ``__post_init__``, with errors that name the field and the value, and it round-trips through a dict:
+``from_dict`` builds any of them (unknown keys named), ``load_yaml`` reads a YAML file with dotted overrides.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from collections.abc import Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from commer.errors import ConfigError
 
 Method = Literal["commer", "prompt_tuning"]
 MergeStrategy = Literal["mean", "concat"]
@@ -15,11 +24,44 @@ PromptFormat = Literal["chat", "plain"]
 CompressionNorm = Literal["none", "embedding"]
 Bridge = Literal["none", "linear", "gate", "mlp"]
 BRIDGES = ("none", "linear", "gate", "mlp")
+DEFAULT_K = 16  # compression embeddings per document: the one default of K, everywhere
+DEFAULT_BACKBONE = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct (commer.backbone)
+
+C = TypeVar("C")
+
+
+def setting(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - peft's name for it
+    """A dataclass field with its help text; a list or dict default is copied per instance."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def help_of(cls: type, name: str) -> str:
+    """The help text of a config field, for the command line's options."""
+    return {f.name: f for f in fields(cls)}[name].metadata["help"]
+
+
+def config_keys(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """``(dotted key, default, help)`` of every leaf field of the config dataclass ``cls``, nested configs walked."""
+    keys = []
+    for f in fields(cls):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):
+            keys += config_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append((prefix + f.name, default, f.metadata.get("help", "")))
+    return keys
 
 
 def _positive(name: str, value: float) -> None:
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
+        raise ConfigError(f"{name} must be >= 1, got {value!r}")
+
+
+def _one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 @dataclass
@@ -27,61 +69,175 @@ class ComMerConfig:
     """Hyper-parameters of ComMer and of the prompt-tuning baseline.
 
     Defaults follow the paper (appendix A.1): LoRA rank 64, alpha 16, dropout 0.1 on every attention and MLP
-    projection; ``num_embeddings`` (K) is one of 4..128 in the paper.
+    projection; K is one of 4..128 in the paper.
     """
 
-    method: Method = "commer"
-    num_embeddings: int = 16
-    merge: MergeStrategy = "mean"
-    lora_r: int = 64
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
+    method: Method = setting("commer", "'commer', or 'prompt_tuning' (the baseline: one trained soft prompt).")
+    num_embeddings: int = setting(DEFAULT_K, "K: compression embeddings per document (soft-prompt vectors per user).")
+    merge: MergeStrategy = setting("mean", "How a user's compressions merge: 'mean' (O(1) updates) or 'concat'.")
+    lora_r: int = setting(64, "LoRA rank of the compressor.")
+    lora_alpha: float = setting(16.0, "LoRA alpha (the adapter's scale is alpha / r).")
+    lora_dropout: float = setting(0.1, "LoRA dropout while training.")
     # "all-linear" is peft's name for every linear layer but the LM head: the attention and MLP projections.
-    lora_target_modules: str | list[str] = "all-linear"
-    # How instructions become tokens: "chat" uses the tokenizer's chat template when it has one.
-    prompt_format: PromptFormat = "chat"
-    # "embedding" rescales every compression vector to the mean norm of the backbone's token embeddings. The paper
-    # uses the raw last-layer states ("none"), whose norm the final RMSNorm pins far above that of any token
-    # (about 51 against 3.2 on SmolLM2): the generator then reads K vectors unlike anything it was trained on.
-    compression_norm: CompressionNorm = "none"
-    # How the merged compressions become the generator's soft prompt (``commer.model.Bridge``):
-    #   "none"   the merged raw states themselves (the paper);
-    #   "linear" task_prompt + W @ merged, W initialised at zero;
-    #   "gate"   task_prompt + g * merged, the scalar g initialised at zero;
-    #   "mlp"    task_prompt + MLP(merged), the MLP's output layer initialised at zero.
+    lora_target_modules: str | list[str] = setting("all-linear", "Modules that get a LoRA (peft's names).")
+    prompt_format: PromptFormat = setting(
+        "chat", "How instructions become tokens: 'chat' uses the tokenizer's chat template when it has one."
+    )
+    # The raw last-layer states have a norm the final RMSNorm pins far above that of any token (about 51 against 3.2
+    # on SmolLM2): read as input embeddings they are unlike anything the generator was trained on.
+    compression_norm: CompressionNorm = setting(
+        "none", "'embedding' rescales every compression vector to the mean norm of the token embeddings."
+    )
     # With every bridge but "none" the untrained model is exactly prompt tuning without documents (the raw states
     # read as input embeddings wreck the frozen generator: docs/results.md), a user without documents gets the task
     # prompt, and the personal part grows from the first step. The bridge maps the merged mean, so the store keeps
     # raw sums and O(1) updates stay exact.
-    bridge: Bridge = "linear"
-    init_seed: int = 0
+    bridge: Bridge = setting(
+        "linear",
+        "How merged compressions become the soft prompt (commer.model.Bridge): 'none' the raw states (the paper); "
+        "'linear' task_prompt + W @ merged, W zero-init; 'gate' task_prompt + g * merged, g zero-init; 'mlp' "
+        "task_prompt + MLP(merged), output layer zero-init.",
+    )
+    init_seed: int = setting(0, "Seed of the initial compression embeddings and task prompt.")
 
     def __post_init__(self) -> None:
-        if self.method not in ("commer", "prompt_tuning"):
-            raise ValueError(f"method must be 'commer' or 'prompt_tuning', got {self.method!r}")
+        _one_of("method", self.method, ("commer", "prompt_tuning"))
         if not isinstance(self.num_embeddings, int) or self.num_embeddings < 1:
-            raise ValueError(f"num_embeddings (K) must be an integer >= 1, got {self.num_embeddings!r}")
-        if self.merge not in ("mean", "concat"):
-            raise ValueError(f"merge must be 'mean' or 'concat', got {self.merge!r}")
+            raise ConfigError(f"num_embeddings (K) must be an integer >= 1, got {self.num_embeddings!r}")
+        _one_of("merge", self.merge, ("mean", "concat"))
         _positive("lora_r", self.lora_r)
         if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.compression_norm not in ("none", "embedding"):
-            raise ValueError(f"compression_norm must be 'none' or 'embedding', got {self.compression_norm!r}")
-        if self.bridge not in BRIDGES:
-            raise ValueError(f"bridge must be one of {', '.join(map(repr, BRIDGES))}, got {self.bridge!r}")
-        if self.prompt_format not in ("chat", "plain"):
-            raise ValueError(f"prompt_format must be 'chat' or 'plain', got {self.prompt_format!r}")
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        _one_of("compression_norm", self.compression_norm, ("none", "embedding"))
+        _one_of("bridge", self.bridge, BRIDGES)
+        _one_of("prompt_format", self.prompt_format, ("chat", "plain"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ComMerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ComMerConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return from_dict(cls, data)
+
+
+@dataclass
+class DataConfig:
+    """Which examples to train on (see ``commer.data.tasks``)."""
+
+    task: str = setting(
+        "lamp7", "One of commer.data.tasks.TASKS: lamp7, news, perltqa, pretrain, pretrain-mix, recall."
+    )
+    data_dir: str | None = setting(None, "The data folder (default: ../shared/data when it exists, else $COMMER_DATA).")
+    n_docs: int = setting(4, "Documents per example (the top-n by BM25 for LaMP; the most for pretraining).")
+    max_train_examples: int | None = setting(None, "Train on at most this many examples.")
+    max_val_examples: int = setting(1024, "Validate on at most this many examples.")
+    max_test_examples: int | None = setting(None, "Test on at most this many examples.")
+    split_seed: int = setting(0, "Seed of the user-disjoint train/validation/test split.")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation of one run; the defaults are the paper's recipe."""
+
+    lr_compression: float = setting(1e-2, "Learning rate of the compression embeddings.")
+    lr_lora: float = setting(1e-4, "Learning rate of the LoRA.")
+    lr_soft_prompt: float = setting(3e-2, "Learning rate of prompt tuning's soft prompt and ComMer's task prompt.")
+    lr_bridge: float = setting(1e-3, "Learning rate of the bridge's map from merged compressions (W, gate or MLP).")
+    weight_decay: float = setting(0.001, "AdamW weight decay.")
+    max_grad_norm: float = setting(0.3, "Gradient clipping norm.")
+    warmup_ratio: float = setting(0.03, "Fraction of the steps spent warming the learning rate up.")
+    batch_size: int = setting(16, "Examples per optimizer step.")
+    micro_batch_size: int = setting(4, "Examples per forward pass (batch_size / micro_batch_size accumulation steps).")
+    epochs: int = setting(20, "Epochs to train (max_steps overrides it).")
+    max_steps: int | None = setting(None, "Optimizer steps to train; overrides epochs when set.")
+    eval_every: int = setting(100, "Optimizer steps between validations (and checkpoints).")
+    patience: int = setting(3, "Validations without improvement before stopping; 0 disables early stopping.")
+    log_every: int = setting(10, "Optimizer steps between log lines.")
+    seed: int = setting(0, "Seed of the data order and LoRA dropout.")
+    bf16: bool = setting(True, "bfloat16 autocast on a GPU and on a CPU with native bf16 (3x faster on AVX512-BF16).")
+    init_from: str | None = setting(
+        None, "A checkpoint to start from: a folder, or 'pretrained' (the compressor shipped with the package)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.eval_every < 1:
+            raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; written as ``config.yaml`` next to its checkpoints and results."""
+
+    output_dir: str = setting("runs/default", "Where checkpoints, logs and results go.")
+    backbone: str = setting(DEFAULT_BACKBONE, "Backbone: 'smollm2-135m', a local model folder or a hub id.")
+    device: str = setting("auto", "'auto' (a GPU when there is one), 'cpu', 'cuda', ...")
+    model: ComMerConfig = field(default_factory=ComMerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- dicts and YAML -> configs ------------------------------------------------------------------------------------
+def from_dict(cls: type[C], values: dict[str, Any], where: str = "") -> C:
+    """Build the config dataclass ``cls`` from ``values``, nested configs included. Unknown keys are named (with
+    ``where`` as their prefix); a float field takes a number written as a string (YAML reads ``1e-3`` as one)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'the config'} must be a mapping of keys to values, got {values!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        f = known[name]
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):
+            value = from_dict(type(default), value or {}, f"{where}{name}.")
+        elif isinstance(default, float) and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}{name} must be a number, got {value!r}") from None
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a value of the wrong kind that __post_init__ did not name
+        raise ConfigError(f"{where or cls.__name__}: {err}") from err
+
+
+def load_yaml(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML file (or nothing) with ``key.sub=value`` overrides applied; values are parsed as YAML (16, 1e-4, true,
+    null, [4, 8]) and a number in a key indexes a list (``studies.0.k=[4,8]``)."""
+    values: Any = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"no config file at {path}")
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of keys to values")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        node: Any = values
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply dotted overrides (see ``load_yaml``)."""
+    return from_dict(RunConfig, load_yaml(path, overrides))

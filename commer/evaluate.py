@@ -17,14 +17,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from commer.backbone import DEFAULT_BACKBONE, load_backbone
+from commer.backbone import load_backbone
 from commer.batch import Batch
 from commer.checkpoint import load_checkpoint
-from commer.config import ComMerConfig
-from commer.data.collate import Collator, documents_as_text
-from commer.data.example import Example
+from commer.config import DEFAULT_BACKBONE, ComMerConfig
 from commer.data.tasks import load_splits
+from commer.errors import ConfigError
 from commer.model import ComMer, SoftPromptLM
+from commer.text import Collator, Example, documents_as_text
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -232,7 +232,7 @@ def document_variants(examples: Sequence[Example], with_text: bool = False) -> d
     informative, but not theirs), with none, and (``with_text``) with the documents folded into the request as text."""
     n = len(examples)
     if len({ex.user_id for ex in examples}) < 2:
-        raise ValueError("comparing own with another user's documents needs examples of at least two users")
+        raise ConfigError("comparing own with another user's documents needs examples of at least two users")
 
     def next_user(i: int) -> Example:  # the next example (cyclically) that belongs to someone else
         return next(examples[(i + j) % n] for j in range(1, n) if examples[(i + j) % n].user_id != examples[i].user_id)
@@ -346,14 +346,14 @@ def evaluate_heldout(
     was run."""
     splits, info = load_splits(task, data_dir, n_docs, seed)
     if split not in splits:
-        raise ValueError(f"split must be one of {', '.join(splits)}, got {split!r}")
+        raise ConfigError(f"split must be one of {', '.join(splits)}, got {split!r}")
     chosen: dict[str, list[Example]] = {}  # up to per_user examples of each user (a FineWeb page has dozens)
     for ex in splits[split]:
         if ex.user_id.startswith(user_prefix) and len(chosen.setdefault(ex.user_id, [])) < per_user:
             chosen[ex.user_id].append(ex)
     examples = [ex for user_examples in list(chosen.values())[:users] for ex in user_examples]
     if not examples:
-        raise ValueError(f"no {split} users of {task} whose id starts with {user_prefix!r}")
+        raise ConfigError(f"no {split} users of {task} whose id starts with {user_prefix!r}")
     bb = load_backbone(backbone)
     # None: the frozen backbone, no soft prompt for users without documents (the paper's bridge adds nothing then)
     model = ComMer(bb, ComMerConfig(bridge="none")) if checkpoint is None else load_checkpoint(checkpoint, bb)

@@ -5,7 +5,7 @@ Reading order: ``SoftPromptLM`` (the frozen generator: loss, perplexity, decodin
 bridge, hand the soft prompt to the generator) -> ``PromptTuning`` (one trained soft prompt, the documents go into the
 text prompt instead).
 
-The models know nothing about tokenization: they read ``Batch`` tensors (see ``commer.data.collate``).
+The models know nothing about tokenization: they read ``Batch`` tensors (see ``commer.text``).
 """
 
 from __future__ import annotations
@@ -22,12 +22,7 @@ from commer.backbone import Backbone
 from commer.batch import Batch
 from commer.config import ComMerConfig
 from commer.merge import merge_batch
-
-IGNORE_INDEX = -100
-
-
-class DocumentTooLongError(ValueError):
-    """A document plus the K compression slots does not fit the backbone's context."""
+from commer.text import IGNORE_INDEX, check_context
 
 
 def _vocab_init(embeddings: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
@@ -172,11 +167,11 @@ class SoftPromptLM(nn.Module):
         order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
         embeds = embeds.gather(1, order[..., None].expand_as(embeds))
         mask = mask.gather(1, order).long()
-        if mask.shape[1] + max_new_tokens > self.max_length:
-            raise ValueError(
-                f"prompt of {mask.shape[1]} positions + {max_new_tokens} new tokens exceeds the backbone's "
-                f"context of {self.max_length}"
-            )
+        check_context(
+            f"a prompt of {mask.shape[1]} positions with {max_new_tokens} new tokens",
+            mask.shape[1] + max_new_tokens,
+            self.max_length,
+        )
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         # The generator context is entered per forward pass, not around the loop: a caller may compress documents
@@ -317,11 +312,11 @@ class ComMer(SoftPromptLM):
         lengths = doc_mask.sum(1)  # (n_docs,)
         if bool((lengths == 0).any()):
             raise ValueError(f"document(s) {torch.nonzero(lengths == 0)[:, 0].tolist()} of this batch are empty")
-        if int(lengths.max()) + k > self.max_length:
-            raise DocumentTooLongError(
-                f"a document of {int(lengths.max())} tokens + K={k} compression slots exceeds the backbone's "
-                f"context of {self.max_length} tokens"
-            )
+        check_context(
+            f"a document of {int(lengths.max())} tokens with K={k} compression slots",
+            int(lengths.max()) + k,
+            self.max_length,
+        )
         tokens = self.embed(doc_ids)
         embeds = torch.cat([tokens, tokens.new_zeros(n_docs, k, d)], dim=1)  # (n, L + K, D)
         slot = torch.arange(length + k, device=doc_ids.device)[None, :] - lengths[:, None]  # (n, L + K)

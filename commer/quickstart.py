@@ -17,14 +17,15 @@ from typing import Any
 import torch
 import typer
 
-from commer.backbone import DEFAULT_BACKBONE, load_backbone
-from commer.checkpoint import PRETRAINED, load_checkpoint, load_trainable, resolve_checkpoint
-from commer.config import ComMerConfig
-from commer.data.collate import Collator
+from commer.backbone import load_backbone
+from commer.checkpoint import PRETRAINED, load_checkpoint, resolve_checkpoint
+from commer.config import DEFAULT_BACKBONE, DEFAULT_K, ComMerConfig, DataConfig, RunConfig, TrainConfig
 from commer.data.tasks import load_splits
+from commer.errors import ConfigError
 from commer.evaluate import NONE, OTHER, OWN, copy_input, document_variants, generate, perplexity
 from commer.model import ComMer
-from commer.train import DataConfig, RunConfig, TrainConfig, Trainer
+from commer.text import Collator
+from commer.train import run as train_run
 
 # Differences under 1% in perplexity are within what another seed or another 64 users would change.
 MARGIN = 0.01
@@ -58,7 +59,7 @@ def quickstart(
     data_dir: str | None = None,
     backbone_spec: str = DEFAULT_BACKBONE,
     init: str | None = PRETRAINED,
-    num_embeddings: int = 8,
+    num_embeddings: int = DEFAULT_K,
     compression_norm: str = "none",
     bridge: str = "linear",
     n_docs: int = 2,
@@ -77,7 +78,7 @@ def quickstart(
     the LoRA rank and the bridge); ``None`` starts from an untrained ComMer of ``num_embeddings``,
     ``compression_norm`` and ``bridge``, pretrained here for ``pretrain_steps`` steps first."""
     if task not in ("lamp7", "recall"):
-        raise ValueError(f"task must be 'lamp7' or 'recall', got {task!r}")
+        raise ConfigError(f"task must be 'lamp7' or 'recall', got {task!r}")
     start = time.perf_counter()
     torch.manual_seed(seed)
     backbone = load_backbone(backbone_spec)
@@ -97,14 +98,14 @@ def quickstart(
             output_dir=str(output_dir / "pretrain"),
             backbone=backbone_spec,
             model=model.config,
-            data=DataConfig(task="pretrain", data_dir=data_dir, n_docs=4, max_val_examples=32),
+            data=DataConfig(task="pretrain", data_dir=data_dir, n_docs=4, max_val_examples=32, split_seed=seed),
             train=replace(train_cfg, max_steps=pretrain_steps, eval_every=max(pretrain_steps, 1)),
         ),
         "finetune": RunConfig(
             output_dir=str(output_dir / task),
             backbone=backbone_spec,
             model=model.config,
-            data=DataConfig(task=task, data_dir=data_dir, n_docs=n_docs, max_val_examples=val_users),
+            data=DataConfig(task=task, data_dir=data_dir, n_docs=n_docs, max_val_examples=val_users, split_seed=seed),
             train=replace(train_cfg, max_steps=finetune_steps, eval_every=max(finetune_steps // 3, 1)),
         ),
     }
@@ -120,13 +121,7 @@ def quickstart(
         if not config.train.max_steps:
             continue
         typer.secho(f"\n== {name}: {config.train.max_steps} steps of {batch_size} examples", bold=True)
-        if config.data.task == task:
-            splits = target
-        else:
-            splits, _ = load_splits(config.data.task, data_dir, config.data.n_docs, seed)
-        val = splits["validation"][: config.data.max_val_examples]
-        Trainer(config, model, backbone.tokenizer, splits["train"], val).fit()
-        load_trainable(model, Path(config.output_dir) / "best")
+        train_run(config, backbone, (target, split_info) if config.data.task == task else None, model)
 
     typer.secho(f"\n== evaluation on {test_users} held-out {task} users (never seen in training)", bold=True)
     ppl = {name: perplexity(model, collator, examples) for name, examples in variants.items()}

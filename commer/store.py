@@ -9,7 +9,8 @@ when the model changes.
 Every stored vector is tagged with the fingerprint of the model that produced it (``commer.checkpoint.
 model_fingerprint``). A store opened with another fingerprint refuses to serve those vectors until ``rebuild``.
 
-The store holds no model code: callers pass compressions in (see ``add_texts`` for the one-call helper).
+The store is SQLite only: callers pass compressions in (``commer.serving.add_texts`` plans, compresses and commits in
+one call), and document ids follow ``commer.serving.document_ids``.
 
 >>> store = ProfileStore("profiles.db", fingerprint, personalizer.shape)
 >>> add_texts(store, personalizer, "acme", "alice", ["I run every morning."])
@@ -18,7 +19,6 @@ The store holds no model code: callers pass compressions in (see ``add_texts`` f
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import struct
 import threading
@@ -27,15 +27,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from commer.checkpoint import model_fingerprint
+from commer.errors import CommerError
 from commer.merge import ProfileState
-
-if TYPE_CHECKING:
-    from commer.pipeline import Personalizer
+from commer.serving import AddedDocuments, Personalizer, document_ids
 
 SCHEMA_VERSION = 1
 
@@ -64,7 +63,7 @@ CREATE TABLE IF NOT EXISTS documents (
 """
 
 
-class StoreError(Exception):
+class StoreError(CommerError):
     """Base class of the store's errors."""
 
 
@@ -122,16 +121,6 @@ class DocumentInfo:
 
 
 @dataclass(frozen=True)
-class AddedDocuments:
-    """What one ``insert_documents`` did: every document's id (input order), the ids it stored (the others were
-    already there) and the profile's count after it."""
-
-    ids: list[str]
-    added: list[str]
-    count: int
-
-
-@dataclass(frozen=True)
 class UserInfo:
     """A profile's header: its size and the model its vectors belong to."""
 
@@ -151,11 +140,6 @@ class RebuildReport:
     users: int
     documents: int
     failed: list[tuple[str, str, str, str]]  # (tenant, user, doc_id, reason)
-
-
-def text_hash(text: str) -> str:
-    """SHA-256 of a document's UTF-8 text: its default id."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 class ProfileStore:
@@ -280,13 +264,11 @@ class ProfileStore:
     ) -> AddedDocuments:
         """``add_documents``, also reporting which documents this call stored: of two identical adds racing, one
         stores the document and the other finds it there."""
-        ids = list(ids) if ids is not None else [None] * len(texts)
-        if len(texts) != len(ids) or compressions.shape[0] != len(texts):
-            raise ValueError(f"{len(texts)} texts, {len(ids)} ids and {compressions.shape[0]} compressions")
+        if compressions.shape[0] != len(texts):
+            raise ValueError(f"{len(texts)} texts and {compressions.shape[0]} compressions")
         if tuple(compressions.shape[1:]) != self.shape:
             raise ValueError(f"compressions of shape {tuple(compressions.shape[1:])}, this store holds {self.shape}")
-        hashes = [text_hash(t) for t in texts]
-        doc_ids = [i if i is not None else h for i, h in zip(ids, hashes, strict=True)]
+        doc_ids, hashes = document_ids(texts, ids)
         vectors = compressions.detach().to("cpu", torch.float32).numpy().astype("<f4", copy=False)
         added: list[str] = []
         with self._write() as conn:
@@ -382,11 +364,8 @@ class ProfileStore:
         """Indices of the documents ``add_documents`` would actually add (first occurrence of each new id): those
         worth compressing. Raises ``DocumentConflictError`` for an id stored with another text and
         ``StaleProfileError`` for a profile of another model, before any compute is spent."""
-        ids = list(ids) if ids is not None else [None] * len(texts)
         wanted: dict[str, tuple[int, str]] = {}
-        for k, (text, given) in enumerate(zip(texts, ids, strict=True)):
-            digest = text_hash(text)
-            doc_id = given if given is not None else digest
+        for k, (doc_id, digest) in enumerate(zip(*document_ids(texts, ids), strict=True)):
             if doc_id in wanted and wanted[doc_id][1] != digest:
                 raise DocumentConflictError(f"document id {doc_id!r} is given twice with different texts")
             wanted.setdefault(doc_id, (k, digest))
@@ -467,8 +446,6 @@ class ProfileStore:
         store's) and rewrite its documents and sum. Each user is one transaction, so an interrupted rebuild resumes
         where it stopped. Documents the new model cannot compress (e.g. too long for its context) leave their user
         stale and are listed in the report."""
-        from commer.checkpoint import model_fingerprint
-
         if (found := model_fingerprint(personalizer.model)) != self.fingerprint:
             raise StoreError(f"rebuild needs the store's model {self.fingerprint}, the personalizer is model {found}")
         if tuple(personalizer.shape) != self.shape:
@@ -484,7 +461,7 @@ class ProfileStore:
             for doc_id, text in rows:
                 try:
                     vectors[doc_id] = personalizer.compress([text], batch_size)[0].numpy().astype("<f4")
-                except ValueError as err:  # DocumentTooLongError is a ValueError
+                except ValueError as err:  # ContextTooLongError is a ValueError
                     failed.append((tenant, user, doc_id, str(err)))
             if len(vectors) < len(rows):
                 continue
@@ -508,21 +485,3 @@ class ProfileStore:
             users += 1
             documents += len(vectors)
         return RebuildReport(users, documents, failed)
-
-
-def add_texts(
-    store: ProfileStore,
-    personalizer: Personalizer,
-    tenant: str,
-    user: str,
-    texts: Sequence[str],
-    ids: Sequence[str | None] | None = None,
-) -> list[str]:
-    """Compress the documents the user does not have yet and add them: the store and the model in one call.
-    Returns every document's id, in input order."""
-    ids = list(ids) if ids is not None else [None] * len(texts)
-    new = store.missing_documents(tenant, user, texts, ids)
-    chosen = [texts[k] for k in new]
-    compressions = personalizer.compress(chosen) if chosen else torch.empty(0, *store.shape)
-    store.add_documents(tenant, user, chosen, compressions, [ids[k] for k in new])
-    return [i if i is not None else text_hash(t) for i, t in zip(ids, texts, strict=True)]

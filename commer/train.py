@@ -21,7 +21,6 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,115 +32,16 @@ from transformers import get_cosine_schedule_with_warmup
 from commer.backbone import Backbone, load_backbone
 from commer.batch import Batch
 from commer.checkpoint import load_trainable, save_checkpoint
-from commer.config import ComMerConfig
-from commer.data.collate import Collator
-from commer.data.example import Example
+from commer.config import RunConfig, TrainConfig
+from commer.data.splits import SplitInfo
 from commer.data.tasks import load_splits
+from commer.errors import ConfigError
 from commer.evaluate import autocast, nll_totals
 from commer.model import SoftPromptLM, build_model
+from commer.text import IGNORE_INDEX, Collator, Example
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-
-@dataclass
-class DataConfig:
-    """Which examples to train on (see ``commer.data.tasks``)."""
-
-    task: str = "lamp7"  # one of commer.data.tasks.TASKS: lamp7, news, perltqa, pretrain, pretrain-mix, recall
-    data_dir: str | None = None  # default: ../shared/data when it exists, else $COMMER_DATA
-    n_docs: int = 4  # documents per example (top-n by BM25 for LaMP)
-    max_train_examples: int | None = None
-    max_val_examples: int = 1024
-    max_test_examples: int | None = None
-    split_seed: int = 0
-
-
-@dataclass
-class TrainConfig:
-    lr_compression: float = 1e-2
-    lr_lora: float = 1e-4
-    lr_soft_prompt: float = 3e-2  # prompt tuning's soft prompt and ComMer's task prompt (its bridge)
-    lr_bridge: float = 1e-3  # the bridge's map from merged compressions (W, gate or MLP)
-    weight_decay: float = 0.001
-    max_grad_norm: float = 0.3
-    warmup_ratio: float = 0.03
-    batch_size: int = 16  # examples per optimizer step
-    micro_batch_size: int = 4  # examples per forward pass; batch_size / micro_batch_size accumulation steps
-    epochs: int = 20
-    max_steps: int | None = None  # overrides epochs when set
-    eval_every: int = 100  # optimizer steps between validations (and checkpoints)
-    patience: int = 3  # validations without improvement before stopping; 0 disables early stopping
-    log_every: int = 10
-    seed: int = 0
-    bf16: bool = True  # autocast to bfloat16 on a GPU, and on a CPU with native bf16 (3x faster on AVX512-BF16)
-    init_from: str | None = None  # a checkpoint to start from: a folder, or "pretrained" (the shipped compressor)
-
-    def __post_init__(self) -> None:
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
-            )
-        if self.eval_every < 1:
-            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
-
-
-@dataclass
-class RunConfig:
-    """Everything one run needs; written as ``config.yaml`` next to its checkpoints and results."""
-
-    output_dir: str = "runs/default"
-    backbone: str = "smollm2-135m"
-    device: str = "auto"
-    model: ComMerConfig = field(default_factory=ComMerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# -- configs: YAML + dotted overrides ------------------------------------------------------------------------------
-def _build(cls, values: dict[str, Any], where: str):
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; known: {', '.join(known)}")
-    kwargs = {}
-    defaults = cls()
-    for name, value in values.items():
-        default = getattr(defaults, name)
-        if is_dataclass(default):
-            value = _build(type(default), value or {}, f"{where}{name}.")
-        elif isinstance(default, float) and isinstance(value, str):
-            # YAML reads 1e-3 (no dot) as a string: a float field takes any number a user writes
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"{where}{name} must be a number, got {value!r}") from None
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def read_yaml_with_overrides(path: str | Path | None, overrides: Sequence[str]) -> dict[str, Any]:
-    """A YAML file (or nothing) with ``key.sub=value`` overrides applied; values are parsed as YAML (16, 1e-4, true,
-    null, [4, 8]) and a number in a key indexes a list (``studies.0.k=[4,8]``)."""
-    values: dict[str, Any] = (yaml.safe_load(Path(path).read_text()) or {}) if path is not None else {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not of the form key.sub=value")
-        node: Any = values
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return values
-
-
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run config and apply dotted overrides (see ``read_yaml_with_overrides``)."""
-    return _build(RunConfig, read_yaml_with_overrides(path, overrides), "")
 
 
 # -- the loop ----------------------------------------------------------------------------------------------------
@@ -225,7 +125,7 @@ class Trainer:
         accelerator: Accelerator | None = None,
     ) -> None:
         if not train_examples:
-            raise ValueError("no training examples: check the data config (task, data_dir, n_docs)")
+            raise ConfigError("no training examples: check the data config (task, data_dir, n_docs)")
         self.config, self.cfg = config, config.train
         self.model = model
         self.collator = Collator(tokenizer, model.config, model.max_length)
@@ -245,7 +145,7 @@ class Trainer:
         if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
             # FSDP and DeepSpeed shard parameters and optimizer state: checkpoints written from the main process's
             # trainable_state() would hold one shard. See docs/scaling.md.
-            raise ValueError(f"commer train runs on one process or data-parallel (DDP), not {kind}")
+            raise ConfigError(f"commer train runs on one process or data-parallel (DDP), not {kind}")
         self.main = self.accelerator.is_main_process
         self.loss_module = self.accelerator.prepare(_StepLoss(model))
 
@@ -289,80 +189,91 @@ class Trainer:
             f.write(json.dumps({"step": self.step, "time": round(time.time(), 3), **record}) + "\n")
 
     # -- loop -------------------------------------------------------------------------------------------------------
-    def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
-        """Train until ``total_steps`` or early stopping; returns a summary. ``stop_at_step`` simulates a kill right
-        after the checkpoint of that step (for tests of resumption)."""
+    def _step_indices(self) -> list[int]:
+        """The examples of the next optimizer step (all processes together)."""
+        epoch, offset = divmod(self.step, self.steps_per_epoch)
+        order = _epoch_order(len(self.train_examples), self.cfg.seed, epoch)
+        start = offset * self.cfg.batch_size
+        return order[start : start + self.cfg.batch_size]
+
+    def _train_step(self, indices: list[int]) -> tuple[float, int]:
+        """One optimizer step over this process's share of ``indices``, accumulated over micro batches; returns its
+        loss and the tokens read (this process's)."""
+        acc, cfg, device = self.accelerator, self.cfg, self.model.device
+        with acc.split_between_processes(indices) as share:
+            share, weight = list(share), 1
+        if not share:
+            # Fewer examples than processes (an epoch's last step): this process still joins the gradient all-reduce,
+            # with an example weighted 0.
+            share, weight = indices[:1], 0
+        batches = [
+            self.collator([self.train_examples[i] for i in share[j : j + cfg.micro_batch_size]]).to(device)
+            for j in range(0, len(share), cfg.micro_batch_size)
+        ]
+        answer_tokens = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches) * weight
+        total_answer_tokens = int(acc.reduce(torch.tensor(answer_tokens, device=acc.device), "sum"))
+        step_loss, tokens = 0.0, 0
+        for j, batch in enumerate(batches):
+            # Gradients are all-reduced once per step, in the last micro batch's backward.
+            with contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(self.loss_module):
+                with autocast(device, cfg.bf16):
+                    nll, _ = self.loss_module(batch)
+                # Normalise by the whole step's answer tokens on all processes: accumulation and data parallelism then
+                # equal one big batch (DDP averages gradients over the processes, hence the factor).
+                loss = nll.sum() * (weight * acc.num_processes) / max(total_answer_tokens, 1)
+                acc.backward(loss)
+            step_loss += float(loss.detach())
+            tokens += int(batch.input_mask.sum() + batch.doc_mask.sum()) * weight
+        acc.clip_grad_norm_(self.model.trainable_state().values(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return step_loss, tokens
+
+    def _log_window(self, losses: list[float], tokens: int, seconds: float, bar: tqdm) -> None:
+        """Log the mean loss and throughput of the steps since the last log line (all processes)."""
         acc = self.accelerator
+        window = torch.tensor([sum(losses), tokens], dtype=torch.float64, device=acc.device)
+        summed_loss, all_tokens = acc.reduce(window, "sum").tolist()
+        mean_loss = summed_loss / acc.num_processes / len(losses)
+        record = {
+            "loss": mean_loss,
+            "ppl": math.exp(min(mean_loss, 50)),
+            "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
+            "tokens_per_s": all_tokens / max(seconds, 1e-9),
+        }
+        bar.set_postfix(
+            loss=f"{record['loss']:.3f}",
+            ppl=f"{record['ppl']:.2f}",
+            lr=f"{self.optimizer.param_groups[0]['lr']:.1e}",
+            tok_s=f"{record['tokens_per_s']:.0f}",
+        )
+        self._log(record)
+
+    def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Train until ``total_steps`` or early stopping; returns a summary. ``stop_at_step`` ends the run right after
+        the checkpoint of that step, as a kill would (for tests of resumption)."""
+        acc, cfg = self.accelerator, self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.main:
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        resumed = self._resume()
-        if resumed:
+        if self._resume():
             self._log({"event": "resumed"})
-        cfg, device = self.cfg, self.model.device
         self.model.train()
         stopped_early = False
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.main)
-        window_tokens, window_start, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
+        losses, tokens, window_start = [], 0, time.perf_counter()
         while self.step < self.total_steps and not stopped_early:
-            epoch, offset = divmod(self.step, self.steps_per_epoch)
-            order = _epoch_order(len(self.train_examples), cfg.seed, epoch)
-            start = offset * cfg.batch_size
-            indices = order[start : start + cfg.batch_size]
-            with acc.split_between_processes(indices) as share:
-                share, weight = list(share), 1
-            if not share:
-                # Fewer examples than processes (an epoch's last step): this process still joins the gradient
-                # all-reduce, with an example weighted 0.
-                share, weight = indices[:1], 0
-            micro = [share[i : i + cfg.micro_batch_size] for i in range(0, len(share), cfg.micro_batch_size)]
-            answer_tokens = 0
-            batches = []
-            for idx in micro:
-                batch = self.collator([self.train_examples[i] for i in idx]).to(device)
-                answer_tokens += int((batch.labels != -100).sum()) * weight
-                batches.append(batch)
-            total_answer_tokens = int(acc.reduce(torch.tensor(answer_tokens, device=acc.device), "sum"))
-            step_loss = 0.0
-            for j, batch in enumerate(batches):
-                # Gradients are all-reduced once per step, in the last micro batch's backward.
-                with contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(self.loss_module):
-                    with autocast(device, cfg.bf16):
-                        nll, _ = self.loss_module(batch)
-                    # Normalise by the whole step's answer tokens on all processes: accumulation and data parallelism
-                    # then equal one big batch (DDP averages gradients over the processes, hence the factor).
-                    loss = nll.sum() * (weight * acc.num_processes) / max(total_answer_tokens, 1)
-                    acc.backward(loss)
-                step_loss += float(loss.detach())
-                window_tokens += int(batch.input_mask.sum() + batch.doc_mask.sum()) * weight
-            acc.clip_grad_norm_(self.model.trainable_state().values(), cfg.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            window_loss += step_loss
-            window_n += 1
+            loss, step_tokens = self._train_step(self._step_indices())
+            losses.append(loss)
+            tokens += step_tokens
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - window_start
-                window = torch.tensor([window_loss, window_tokens], dtype=torch.float64, device=acc.device)
-                summed_loss, all_tokens = acc.reduce(window, "sum").tolist()
-                mean_loss = summed_loss / acc.num_processes / window_n
-                record = {
-                    "loss": mean_loss,
-                    "ppl": math.exp(min(mean_loss, 50)),
-                    "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
-                    "tokens_per_s": all_tokens / max(elapsed, 1e-9),
-                }
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}",
-                    ppl=f"{record['ppl']:.2f}",
-                    lr=f"{self.optimizer.param_groups[0]['lr']:.1e}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                )
-                self._log(record)
-                window_tokens, window_start, window_loss, window_n = 0, time.perf_counter(), 0.0, 0
-            if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
+            last = self.step == self.total_steps
+            if self.step % cfg.log_every == 0 or last:
+                self._log_window(losses, tokens, time.perf_counter() - window_start, bar)
+                losses, tokens, window_start = [], 0, time.perf_counter()
+            if self.step % cfg.eval_every == 0 or last:
                 stopped_early = self._validate()
                 if self.main:
                     self._save_last()
@@ -423,15 +334,28 @@ def build(
     return model, backbone
 
 
-def run(config: RunConfig, backbone: Backbone | None = None) -> dict[str, Any]:
-    """Load the data a run config names, build its model and train it; the split is written next to the checkpoints."""
+def run(
+    config: RunConfig,
+    backbone: Backbone | None = None,
+    splits: tuple[dict[str, list[Example]], SplitInfo] | None = None,
+    model: SoftPromptLM | None = None,
+) -> dict[str, Any]:
+    """A whole run, the one way every entry point (``commer train``, the quickstart, sweeps) trains: the data
+    (``splits``, or the config's task loaded and split by user), the model (``model`` on ``backbone``, or built from the
+    config), training, and the best checkpoint loaded back into the model. The split is written next to the
+    checkpoints. Returns the training summary."""
     accelerator = make_accelerator(cpu=resolve_device(config.device).type == "cpu")
     torch.manual_seed(config.train.seed)  # LoRA dropout; the data order has its own seeded RNG
-    splits, split_info = load_splits(config.data.task, config.data.data_dir, config.data.n_docs, config.data.split_seed)
-    train_examples = splits["train"][: config.data.max_train_examples]
-    val_examples = splits["validation"][: config.data.max_val_examples]
-    # "auto" under a launcher: each process's own GPU (the launcher's device is the single-process "auto" too).
-    model, backbone = build(config, backbone, accelerator.device if config.device == "auto" else None)
+    if splits is None:
+        splits = load_splits(config.data.task, config.data.data_dir, config.data.n_docs, config.data.split_seed)
+    examples, split_info = splits
+    train_examples = examples["train"][: config.data.max_train_examples]
+    val_examples = examples["validation"][: config.data.max_val_examples]
+    if model is None:
+        # "auto" under a launcher: each process's own GPU (the launcher's device is the single-process "auto" too).
+        model, backbone = build(config, backbone, accelerator.device if config.device == "auto" else None)
+    elif backbone is None:
+        raise ValueError("a run given a model needs its backbone too (for the tokenizer)")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -441,4 +365,6 @@ def run(config: RunConfig, backbone: Backbone | None = None) -> dict[str, Any]:
             f"{config.model.method} K={config.model.num_embeddings} on {backbone.name}, output {out}, "
             f"{accelerator.num_processes} process(es)"
         )
-    return Trainer(config, model, backbone.tokenizer, train_examples, val_examples, accelerator).fit()
+    summary = Trainer(config, model, backbone.tokenizer, train_examples, val_examples, accelerator).fit()
+    load_trainable(model, out / "best")
+    return summary

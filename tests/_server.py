@@ -25,9 +25,10 @@ from commer.checkpoint import save_checkpoint
 from commer.config import ComMerConfig
 from commer.model import ComMer
 from commer.service.app import create_app
-from commer.service.batcher import ModelWorker
-from commer.service.cli import load_personalizer, open_store
+from commer.service.cli import open_store
 from commer.service.limits import ServiceLimits
+from commer.service.worker import ModelWorker
+from commer.serving import load_personalizer
 
 KEYS = {"key-acme": "acme", "key-globex": "globex", "key-acme-2": "acme"}
 CONFIG = ComMerConfig(num_embeddings=4, lora_r=4)

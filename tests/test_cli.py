@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from commer.train import load_config
+from commer.cli import app
+from commer.config import DEFAULT_K, ComMerConfig, RunConfig, TrainConfig, config_keys, help_of, load_config
 
 ROOT = Path(__file__).parents[1]
 
@@ -41,3 +43,12 @@ def test_shipped_configs_load(path):
     config = load_config(path)
     assert config.output_dir == f"runs/{path.stem}"
     assert config.model.method == ("prompt_tuning" if "prompt-tuning" in path.stem else "commer")
+
+
+def test_every_config_key_has_help_and_the_cli_lists_it():
+    keys = config_keys(RunConfig)
+    assert [k for k, _, text in keys if not text] == []
+    assert ("model.num_embeddings", DEFAULT_K, help_of(ComMerConfig, "num_embeddings")) in keys
+    listed = CliRunner().invoke(app, ["config-keys"])
+    assert listed.exit_code == 0 and f"model.num_embeddings = {DEFAULT_K}" in listed.output
+    assert help_of(TrainConfig, "lr_bridge") in listed.output

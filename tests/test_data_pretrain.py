@@ -5,7 +5,6 @@ from itertools import islice
 import pytest
 
 from commer.data.errors import DataError
-from commer.data.example import Example
 from commer.data.pretrain import (
     FINEWEB_FILE,
     chunk_text,
@@ -15,6 +14,7 @@ from commer.data.pretrain import (
     profile_pretrain_examples,
 )
 from commer.data.tasks import PROFILE_TASKS, load_splits, load_task
+from commer.text import Example
 
 pytest_plugins = ["data_fixtures"]
 

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from commer.data.example import Example
 from commer.data.lamp import load_lamp7
 from commer.data.splits import MAX_EXAMPLE_CHARS, SPLITS, filter_by_length, split_users
+from commer.text import Example
 
 pytest_plugins = ["data_fixtures"]
 

@@ -9,8 +9,6 @@ import torch
 from conftest import tiny_backbone
 
 from commer.config import ComMerConfig
-from commer.data.collate import Collator
-from commer.data.example import Example
 from commer.evaluate import (
     NONE,
     OTHER,
@@ -27,6 +25,7 @@ from commer.evaluate import (
 )
 from commer.experiments import concat_documents
 from commer.model import build_model
+from commer.text import Collator, Example
 
 EXAMPLES = [
     Example("u0", [], "what does my cat like ?", "the cat likes jazz ."),

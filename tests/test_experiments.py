@@ -14,10 +14,10 @@ import pytest
 from conftest import WORDS, tiny_backbone
 
 import commer.experiments.sweep as sweep_module
-from commer.data.example import Example
 from commer.data.splits import SplitInfo
 from commer.experiments import ResultsTable, Sweep, expand, load_sweep, run_sweep, write_report
 from commer.experiments.analysis import NOT_RUN, REPRODUCED, findings, fit_power_law
+from commer.text import Example
 from commer.train import Trainer
 
 ROOT = Path(__file__).parents[1]
@@ -194,7 +194,7 @@ def test_sweep_config_overrides_and_errors(tmp_path):
     path.write_text(SWEEP.format(out=tmp_path))
     config = load_sweep(path, ["eval.max_examples=8", "studies.0.k=[4, 8]"])
     assert config.eval.max_examples == 8 and config.studies[0].k == [4, 8]
-    with pytest.raises(ValueError, match="unknown sweep key.*eval.max_exampels"):
+    with pytest.raises(ValueError, match="unknown config key.*eval.max_exampels"):
         load_sweep(path, ["eval.max_exampels=8"])
     with pytest.raises(ValueError, match="ComMer cannot train with 0 documents"):
         load_sweep(path, ["studies.0.train_docs=[0]"])

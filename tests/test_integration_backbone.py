@@ -11,10 +11,9 @@ from safetensors import safe_open
 
 from commer.backbone import CONVERTED, CONVERTED_FORMAT, _converted, load_backbone, resolve_backbone_path
 from commer.config import ComMerConfig
-from commer.data.collate import Collator
-from commer.data.example import Example
 from commer.evaluate import OTHER, OWN, compare_documents
-from commer.pipeline import Personalizer
+from commer.serving import Personalizer
+from commer.text import Collator, Example
 
 pytestmark = pytest.mark.integration
 

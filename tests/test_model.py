@@ -11,11 +11,10 @@ from transformers import LlamaForCausalLM
 
 from commer.batch import Batch
 from commer.config import ComMerConfig
-from commer.data.collate import Collator
-from commer.data.example import Example
 from commer.merge import stack_profiles
-from commer.model import ComMer, DocumentTooLongError, PromptTuning
-from commer.pipeline import Personalizer
+from commer.model import ComMer, PromptTuning
+from commer.serving import Personalizer
+from commer.text import Collator, ContextTooLongError, Example
 
 K = 4
 
@@ -194,9 +193,9 @@ def test_bad_documents_are_named(backbone):
     with pytest.raises(ValueError, match="document 1 of user 'dave' is empty"):
         collator([Example("dave", ["cat", "  "], "what ?", "dog")])
     long_doc = " ".join(["cat"] * 200)
-    with pytest.raises(DocumentTooLongError, match="document 0 of user 'erin' has 200 tokens"):
+    with pytest.raises(ContextTooLongError, match="document 0 of user 'erin' has 200 tokens"):
         collator([Example("erin", [long_doc], "what ?", "dog")])
-    with pytest.raises(DocumentTooLongError, match="context of 128"):
+    with pytest.raises(ContextTooLongError, match="context of 128"):
         model.compress(torch.ones(1, 126, dtype=torch.long), torch.ones(1, 126, dtype=torch.bool))
 
 

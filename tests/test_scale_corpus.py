@@ -12,7 +12,7 @@ from _server import save_tiny_model
 from commer.backbone import load_backbone
 from commer.checkpoint import model_fingerprint
 from commer.merge import ProfileState
-from commer.pipeline import Personalizer
+from commer.serving import Personalizer
 from commer.store import DocumentConflictError, ProfileStore, StoreError
 
 pa = pytest.importorskip("pyarrow", reason="corpus compression needs pyarrow (pip install pyarrow)")

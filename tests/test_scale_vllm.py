@@ -26,10 +26,10 @@ from commer.backbone import load_backbone, resolve_backbone_path
 from commer.checkpoint import model_fingerprint, save_checkpoint
 from commer.config import ComMerConfig
 from commer.model import ComMer
-from commer.pipeline import Personalizer
 from commer.scale.vllm import VLLMGenerator, completion_request, decode_embeds, prompt_embeds
 from commer.service.app import create_app
-from commer.store import ProfileStore, add_texts
+from commer.serving import Personalizer, add_texts
+from commer.store import ProfileStore
 
 DOCS = ["i like the cat today", "my dog is the morning", "we read a book"]
 INSTRUCTION = "what do i like ?"

@@ -14,9 +14,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from commer.backbone import load_backbone
-from commer.pipeline import Personalizer
 from commer.service.cli import register
-from commer.store import text_hash
+from commer.serving import Personalizer, text_hash
 
 DOCS = {
     "alice": ["i love running in the morning", "marathon tomorrow !", "my weekend plan is a run"],

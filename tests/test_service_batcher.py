@@ -12,8 +12,8 @@ import pytest
 from _server import CONFIG, held, wait_for
 from conftest import perturb_zero_init, tiny_backbone
 
-from commer.pipeline import Personalizer
-from commer.service.batcher import BatchStats, GenerationJob, ModelWorker, QueueFullError, RejectedGenerationError
+from commer.service.worker import BatchStats, GenerationJob, ModelWorker, QueueFullError, RejectedGenerationError
+from commer.serving import Personalizer
 
 INSTRUCTION = "what is my plan today ?"
 

@@ -27,13 +27,13 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from commer.checkpoint import META, WEIGHTS, save_checkpoint
-from commer.config import ComMerConfig
-from commer.data.example import Example
+from commer.config import ComMerConfig, RunConfig, TrainConfig
 from commer.model import build_model
 from commer.service.cli import register
 from commer.service.limits import ServiceLimits
 from commer.store import CorruptProfileError
-from commer.train import RunConfig, TrainConfig, Trainer
+from commer.text import Example
+from commer.train import Trainer
 
 INSTRUCTION = "what is my plan today ?"
 DOCS = ["i love running in the morning", "jazz music and coffee", "rain in the city today"]
@@ -207,11 +207,12 @@ def test_types_are_strict(client, body, message):
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory) -> dict[str, list[str]]:
     """``serve`` arguments that cannot start: a truncated weights file, a ``commer.json`` without its backbone, a
-    database in a folder that does not exist."""
+    checkpoint trained with the concat merge (profiles are served as running means), a database in a folder that does
+    not exist."""
     folder = tmp_path_factory.mktemp("broken")
     backbone_dir, checkpoint_dir = save_tiny_model(folder)
-    truncated, no_backbone = folder / "truncated", folder / "no-backbone"
-    for copy in (truncated, no_backbone):
+    truncated, no_backbone, concat = folder / "truncated", folder / "no-backbone", folder / "concat"
+    for copy in (truncated, no_backbone, concat):
         copy.mkdir()
         for name in (META, WEIGHTS):
             (copy / name).write_bytes((checkpoint_dir / name).read_bytes())
@@ -219,15 +220,21 @@ def broken(tmp_path_factory) -> dict[str, list[str]]:
     meta = json.loads((no_backbone / META).read_text())
     del meta["backbone"]
     (no_backbone / META).write_text(json.dumps(meta))
+    meta = json.loads((concat / META).read_text())
+    meta["config"]["merge"] = "concat"
+    (concat / META).write_text(json.dumps(meta))
     good = ["--backbone", str(backbone_dir), "--checkpoint", str(checkpoint_dir), "--db", str(folder / "ok.db")]
     return {
         "is damaged": [*good[:2], "--checkpoint", str(truncated), *good[4:]],
         "names no backbone": [*good[:2], "--checkpoint", str(no_backbone), *good[4:]],
+        "only merge 'mean' can be served": [*good[:2], "--checkpoint", str(concat), *good[4:]],
         "unable to open database file": [*good[:4], "--db", str(folder / "missing" / "x.db")],
     }
 
 
-@pytest.mark.parametrize("problem", ["is damaged", "names no backbone", "unable to open database file"])
+@pytest.mark.parametrize(
+    "problem", ["is damaged", "names no backbone", "only merge 'mean' can be served", "unable to open database file"]
+)
 def test_serve_fails_on_one_line_without_a_traceback(broken, problem, monkeypatch):
     monkeypatch.setenv("COMMER_API_KEYS", json.dumps({"k": "t"}))
     app = typer.Typer()

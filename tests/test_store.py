@@ -10,7 +10,9 @@ from conftest import tiny_backbone
 
 from commer.checkpoint import model_fingerprint
 from commer.config import ComMerConfig
-from commer.pipeline import Personalizer
+from commer.errors import ConfigError
+from commer.model import ComMer
+from commer.serving import Personalizer, add_texts, text_hash
 from commer.store import (
     DocumentConflictError,
     ProfileStore,
@@ -18,8 +20,6 @@ from commer.store import (
     StoreError,
     UnknownDocumentError,
     UnknownUserError,
-    add_texts,
-    text_hash,
 )
 
 SHAPE = (4, 8)
@@ -192,3 +192,11 @@ def test_other_fingerprint_is_refused_until_rebuild(tmp_path):
         torch.testing.assert_close(rebuilt.mean(), new.profile(texts).mean(), rtol=0, atol=1e-6)
         assert not torch.allclose(rebuilt.mean(), old_mean)
         assert s.rebuild(new).users == 0  # nothing left to do
+
+
+def test_a_concat_model_is_refused_rather_than_served_as_a_mean():
+    """Profiles are running sums: a model trained to read concatenated compressions would be served wrongly."""
+    backbone = tiny_backbone()
+    model = ComMer(backbone, ComMerConfig(num_embeddings=SHAPE[0], lora_r=4, merge="concat"))
+    with pytest.raises(ConfigError, match="trained with merge 'concat'.*only merge 'mean' can be served"):
+        Personalizer(model, backbone.tokenizer)

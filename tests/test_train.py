@@ -10,10 +10,10 @@ import torch
 from conftest import WORDS, tiny_backbone
 
 from commer.checkpoint import load_checkpoint
-from commer.config import ComMerConfig
-from commer.data.example import Example
+from commer.config import ComMerConfig, RunConfig, TrainConfig, load_config
 from commer.model import build_model
-from commer.train import RunConfig, TrainConfig, Trainer, load_config, param_groups
+from commer.text import Example
+from commer.train import Trainer, param_groups
 
 
 def _examples(n: int, seed: int = 0) -> list[Example]:

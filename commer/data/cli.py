@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from commer.backbone import load_tokenizer
+from commer.config import DEFAULT_BACKBONE
 from commer.data.errors import DataError
 from commer.data.stats import compute_stats, format_stats
 from commer.data.tasks import DEFAULT_N_DOCS, load_task
@@ -45,7 +46,7 @@ def stats(
             help="Documents per example (pretrain: the most); default lamp7 8, news 4, perltqa 4, pretrain 8."
         ),
     ] = None,
-    tokenizer: Annotated[str, typer.Option(help="Backbone whose tokenizer measures token lengths.")] = "smollm2-135m",
+    tokenizer: Annotated[str, typer.Option(help="Backbone whose tokenizer measures token lengths.")] = DEFAULT_BACKBONE,
     seed: Annotated[int, typer.Option(help="Seed of the user split and of random document choices.")] = 0,
 ) -> None:
     """Print counts of users, examples per split, documents per user and token lengths for TASK."""

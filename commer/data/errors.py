@@ -9,11 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from commer.errors import CommerError
+
 DATA_ENV = "COMMER_DATA"
 DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
 
 
-class DataError(ValueError):
+class DataError(CommerError, ValueError):
     """A data file is missing or malformed; the message names the file and, where known, the record."""
 
 

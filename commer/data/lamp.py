@@ -16,8 +16,9 @@ import bm25s
 import numpy as np
 
 from commer.data.errors import DataError, read_json, resolve_data_dir
-from commer.data.example import Example
 from commer.data.splits import Loaded
+from commer.errors import ConfigError
+from commer.text import Example
 
 TASK_PREFIXES = {
     "LaMP_7": "Paraphrase the following tweet without any explanation before or after it: ",
@@ -141,7 +142,7 @@ def lamp_examples(
     ``source`` names the questions in error messages. Every question must have a gold output.
     """
     if n_docs < 0:
-        raise ValueError(f"n_docs must be >= 0, got {n_docs}")
+        raise ConfigError(f"n_docs must be >= 0, got {n_docs}")
     task = normalize_task(task)
     for k, record in enumerate(questions):
         _check_question(record, k, task, source)

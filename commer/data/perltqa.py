@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from commer.data.errors import DataError, read_json, resolve_data_dir
-from commer.data.example import Example
 from commer.data.splits import Loaded
+from commer.errors import ConfigError
+from commer.text import Example
 
 MEMORY_FILE = Path("perltqa") / "perltmem_subset.json"
 QA_FILE = Path("perltqa") / "perltqa_subset.json"
@@ -86,7 +87,7 @@ def load_perltqa(data_dir: str | Path | None = None, n_docs: int = DEFAULT_N_DOC
     The subset of each example depends only on ``seed``, the persona and the QA pair's position.
     """
     if n_docs < 1:
-        raise ValueError(f"n_docs must be at least 1 (the referenced memory), got {n_docs}")
+        raise ConfigError(f"n_docs must be at least 1 (the referenced memory), got {n_docs}")
     root = resolve_data_dir(data_dir)
     memory_data = read_json(root / MEMORY_FILE, "PerLTQA memory file")
     qa_data = read_json(root / QA_FILE, "PerLTQA QA file")

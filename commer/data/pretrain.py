@@ -16,7 +16,8 @@ from itertools import count, islice
 from pathlib import Path
 
 from commer.data.errors import DataError, iter_jsonl, resolve_data_dir
-from commer.data.example import Example
+from commer.errors import ConfigError
+from commer.text import Example
 
 FINEWEB_FILE = Path("fineweb") / "fineweb_sample.jsonl.gz"
 DOC_CHARS = 150
@@ -50,7 +51,7 @@ def chunk_text(text: str, max_chars: int = DOC_CHARS) -> list[str]:
 
 def _check_range(min_docs: int, max_docs: int) -> None:
     if not 1 <= min_docs <= max_docs:
-        raise ValueError(f"need 1 <= min_docs <= max_docs, got {min_docs}..{max_docs}")
+        raise ConfigError(f"need 1 <= min_docs <= max_docs, got {min_docs}..{max_docs}")
 
 
 def iter_fineweb(path: Path) -> Iterator[str]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import random
 
-from commer.data.example import Example
+from commer.errors import ConfigError
+from commer.text import Example
 
 # attribute: (how a document states it, how the user asks for it, the values)
 FACTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -64,9 +65,9 @@ def recall_examples(n_users: int, n_docs: int, seed: int = 0) -> list[Example]:
     """``n_users`` users (ids ``recall-0``...), each with ``n_docs`` documents, exactly one of which holds the fact
     their question asks for; the same arguments give the same examples."""
     if n_docs < 1:
-        raise ValueError(f"n_docs must be >= 1 for the recall probe, got {n_docs}")
+        raise ConfigError(f"n_docs must be >= 1 for the recall probe, got {n_docs}")
     if n_docs - 1 > len(FILLER):
-        raise ValueError(f"n_docs must be <= {len(FILLER) + 1} for the recall probe, got {n_docs}")
+        raise ConfigError(f"n_docs must be <= {len(FILLER) + 1} for the recall probe, got {n_docs}")
     rng = random.Random(seed)
     examples = []
     for user in range(n_users):

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from commer.data.example import Example
+from commer.errors import ConfigError
+from commer.text import Example
 
 MAX_EXAMPLE_CHARS = 2900
 SPLITS = ("train", "validation", "test")
@@ -89,12 +90,12 @@ def split_users(
     the 7 PerLTQA personas still give a test persona); train gets the rest.
     """
     if len(fractions) != len(SPLITS) or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+        raise ConfigError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
     ranked = sorted(set(user_ids), key=lambda uid: _rank_key(seed, uid))
     n_val, n_test = (max(1, round(f * len(ranked))) if f > 0 else 0 for f in fractions[1:])
     n_train = len(ranked) - n_val - n_test
     if n_train < (1 if fractions[0] > 0 else 0):
-        raise ValueError(f"{len(ranked)} users are too few to split by {fractions}")
+        raise ConfigError(f"{len(ranked)} users are too few to split by {fractions}")
     parts = (ranked[n_test + n_val :], ranked[n_test : n_test + n_val], ranked[:n_test])
     return SplitInfo(
         seed=seed,

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from commer.data.example import Example
 from commer.data.lamp import load_lamp7
 from commer.data.news import load_news
 from commer.data.perltqa import load_perltqa
 from commer.data.pretrain import fineweb_pretrain, mixed_pretrain
 from commer.data.recall import recall_examples
 from commer.data.splits import DEFAULT_FRACTIONS, MAX_EXAMPLE_CHARS, Loaded, SplitInfo, filter_by_length, split_users
+from commer.errors import ConfigError
+from commer.text import Example
 
 TASKS = ("lamp7", "news", "perltqa", "pretrain", "pretrain-mix", "recall")
 # n = the paper's largest for tweets, the middle of the sweeps elsewhere; for pretraining it is the most documents.
@@ -50,7 +51,7 @@ LOADERS: dict[str, Callable[[str | Path | None, int, int], Loaded]] = {
 def load_task(task: str, data_dir: str | Path | None = None, n_docs: int | None = None, seed: int = 0) -> Loaded:
     """All examples of ``task`` (one of ``TASKS``) with ``n_docs`` documents (task default if None)."""
     if task not in LOADERS:
-        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
     return LOADERS[task](data_dir, DEFAULT_N_DOCS[task] if n_docs is None else n_docs, seed)
 
 

@@ -15,24 +15,33 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from tqdm.auto import tqdm
 
 from commer.backbone import Backbone, load_backbone
 from commer.checkpoint import load_checkpoint
-from commer.config import ComMerConfig
-from commer.data.collate import Collator
-from commer.data.example import Example
+from commer.config import (
+    DEFAULT_BACKBONE,
+    DEFAULT_K,
+    ComMerConfig,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    from_dict,
+    load_yaml,
+)
 from commer.data.splits import SplitInfo
 from commer.data.tasks import load_splits
+from commer.errors import ConfigError
 from commer.evaluate import copy_input, evaluate_examples, rouge
 from commer.experiments.table import ResultsTable, machine, read_run_info, write_run_info
-from commer.train import DataConfig, RunConfig, TrainConfig, Trainer, build, read_yaml_with_overrides, resolve_device
+from commer.text import Collator, Example
+from commer.train import resolve_device
+from commer.train import run as train_run
 
 METHODS = ("commer", "prompt_tuning")
 # How a trained ComMer turns a user's documents into a soft prompt at test time (Figure 7 of the paper).
@@ -60,7 +69,7 @@ class Study:
 
     name: str
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    k: list[int] = field(default_factory=lambda: [16])
+    k: list[int] = field(default_factory=lambda: [DEFAULT_K])
     train_docs: list[int] = field(default_factory=lambda: [2])
     test_docs: list[int] | str = "same"
     variants: list[str] = field(default_factory=lambda: ["mean"])  # ComMer only; prompt tuning has none
@@ -72,9 +81,9 @@ class Study:
         if bad:
             raise ValueError(f"study {self.name!r}: unknown method(s)/variant(s) {bad}; known {METHODS}, {VARIANTS}")
         if isinstance(self.test_docs, str) and self.test_docs != "same":
-            raise ValueError(f"study {self.name!r}: test_docs must be a list of numbers or 'same'")
+            raise ConfigError(f"study {self.name!r}: test_docs must be a list of numbers or 'same'")
         if "commer" in self.methods and 0 in self.train_docs:
-            raise ValueError(
+            raise ConfigError(
                 f"study {self.name!r}: ComMer cannot train with 0 documents (nothing would reach its weights); "
                 "use test_docs: [0, ...] for the no-personalization baseline"
             )
@@ -105,7 +114,7 @@ class SweepConfig:
 
     output_dir: str = "runs/sweep"  # checkpoints
     results_dir: str | None = None  # table, figures, report (default <output_dir>/results)
-    backbone: str = "smollm2-135m"
+    backbone: str = DEFAULT_BACKBONE
     device: str = "auto"
     task: str = "lamp7"
     data_dir: str | None = None
@@ -121,14 +130,14 @@ class SweepConfig:
     def __post_init__(self) -> None:
         reserved = {"method", "num_embeddings", "merge", "init_seed"} & set(self.model)
         if reserved:
-            raise ValueError(f"model.{sorted(reserved)[0]} is set per cell by the studies, not in model:")
-        ComMerConfig.from_dict(self.model)  # unknown or invalid fields fail here, before any training
+            raise ConfigError(f"model.{sorted(reserved)[0]} is set per cell by the studies, not in model:")
+        from_dict(ComMerConfig, self.model, "model.")  # unknown or invalid fields fail here, before any training
         reserved = {"seed", "init_from"} & set(self.train)
         if reserved:
-            raise ValueError(f"train.{sorted(reserved)[0]} is set per cell (seeds:, pretrain:), not in train:")
-        TrainConfig(**self.train)
+            raise ConfigError(f"train.{sorted(reserved)[0]} is set per cell (seeds:, pretrain:), not in train:")
+        from_dict(TrainConfig, self.train, "train.")
         if not self.studies:
-            raise ValueError("the sweep has no studies: nothing to run")
+            raise ConfigError("the sweep has no studies: nothing to run")
 
     @property
     def results_path(self) -> Path:
@@ -138,23 +147,12 @@ class SweepConfig:
         return asdict(self)
 
 
-def _from_dict(cls, values: dict[str, Any], where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown sweep key(s) {', '.join(where + k for k in unknown)}; known: {', '.join(known)}")
-    return cls(**values)
-
-
 def load_sweep(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SweepConfig:
     """Read a sweep YAML and apply ``key.sub=value`` overrides (values parsed as YAML: ``eval.max_examples=16``,
     ``studies.0.k=[4,8]``: a number indexes the list of studies)."""
-    values = read_yaml_with_overrides(path, overrides)
-    values = dict(values)
-    values["pretrain"] = _from_dict(PretrainConfig, values.get("pretrain") or {}, "pretrain.")
-    values["eval"] = _from_dict(EvalConfig, values.get("eval") or {}, "eval.")
-    values["studies"] = [_from_dict(Study, s, f"studies.{i}.") for i, s in enumerate(values.get("studies") or [])]
-    return _from_dict(SweepConfig, values, "")
+    values = dict(load_yaml(path, overrides))
+    values["studies"] = [from_dict(Study, s, f"studies.{i}.") for i, s in enumerate(values.get("studies") or [])]
+    return from_dict(SweepConfig, values)
 
 
 # -- cells --------------------------------------------------------------------------------------------------------
@@ -296,17 +294,11 @@ class Sweep:
         out = Path(config.output_dir)
         if _finished(out):
             return out / "best"
-        torch.manual_seed(config.train.seed)  # LoRA dropout; the data order has its own seeded RNG
         splits, info = self.splits(config.data.task, config.data.n_docs)
-        train = splits["train"][: config.data.max_train_examples]
-        val = splits["validation"][: config.data.max_val_examples]
         if transform is not None:
-            train, val = [transform(e) for e in train], [transform(e) for e in val]
-        model, backbone = build(config, self.backbone_factory())
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "split.json").write_text(json.dumps(info.to_dict(), indent=1) + "\n")
-        tqdm.write(f"training {out.name}: {len(train)} examples, {config.train.max_steps or 'all'} steps")
-        Trainer(config, model, backbone.tokenizer, train, val).fit()
+            splits = {name: [transform(e) for e in examples] for name, examples in splits.items()}
+        tqdm.write(f"training {out.name}: {config.train.max_steps or 'all'} steps")
+        train_run(config, self.backbone_factory(), (splits, info))
         self.counts["trained"] += 1
         return out / "best"
 

@@ -26,6 +26,10 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
+from commer.config import DEFAULT_BACKBONE, DEFAULT_K
+from commer.data.errors import DataError
+from commer.errors import ConfigError
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -41,8 +45,8 @@ class ModelSpec:
     """Which model compresses: what each worker loads (as ``commer serve`` would, so fingerprints match)."""
 
     checkpoint: str | None = None
-    backbone: str = "smollm2-135m"
-    num_embeddings: int = 16  # K of an untrained model; a checkpoint brings its own
+    backbone: str = DEFAULT_BACKBONE
+    num_embeddings: int = DEFAULT_K  # K of an untrained model; a checkpoint brings its own
 
 
 @dataclass(frozen=True)
@@ -79,14 +83,12 @@ class _Compressor:
 
     def __init__(self, model: ModelSpec, columns: Columns, keep_text: bool, threads: int | None = None) -> None:
         from commer.checkpoint import model_fingerprint
-        from commer.service.cli import load_personalizer
+        from commer.serving import load_personalizer
 
         if threads is not None:
             # A worker given N CPUs by Ray must not run torch on all of the node's cores.
             torch.set_num_threads(threads)
-        self.personalizer = load_personalizer(
-            Path(model.checkpoint) if model.checkpoint else None, model.backbone, model.num_embeddings
-        )
+        self.personalizer = load_personalizer(model.checkpoint, model.backbone, model.num_embeddings)
         if torch.cuda.is_available():  # Ray only shows a worker the GPU it was given
             self.personalizer.model.to("cuda")
         self.fingerprint = model_fingerprint(self.personalizer.model)
@@ -96,14 +98,14 @@ class _Compressor:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        from commer.store import text_hash
+        from commer.serving import document_ids
 
         texts = batch[self.columns.text].to_pylist()
-        hashes = [text_hash(t) if isinstance(t, str) else "" for t in texts]
-        doc_ids = hashes
+        given = None
         if self.columns.doc_id is not None:
             given = pc.cast(batch[self.columns.doc_id], pa.string()).to_pylist()
-            doc_ids = [g if g is not None else h for g, h in zip(given, hashes, strict=True)]
+        # a non-string text is refused by compress below, naming it; its hash is never used
+        doc_ids, hashes = document_ids([t if isinstance(t, str) else "" for t in texts], given)
         k, d = self.personalizer.shape
         vectors = (
             self.personalizer.compress(texts).reshape(len(texts), k * d).numpy()
@@ -158,11 +160,11 @@ class _UserSums:
             if self.fingerprint is None:
                 self.fingerprint = fingerprint
             elif fingerprint != self.fingerprint:
-                raise ValueError(f"compressions of two models ({self.fingerprint}, {fingerprint}) in one corpus")
+                raise DataError(f"compressions of two models ({self.fingerprint}, {fingerprint}) in one corpus")
             seen = self.seen.setdefault(user, {})
             if doc_id in seen:
                 if seen[doc_id] != digest:
-                    raise ValueError(f"user {user!r}: document id {doc_id!r} is given to two different texts")
+                    raise DataError(f"user {user!r}: document id {doc_id!r} is given to two different texts")
                 continue
             seen[doc_id] = digest
             rows.setdefault(user, []).append(i)
@@ -198,7 +200,7 @@ def _input_format(path: Path) -> str:
         return "parquet"
     if path.suffix in (".jsonl", ".json", ".ndjson"):
         return "json"
-    raise ValueError(f"{path}: expected a .jsonl file (one JSON object a line), a .parquet file or a folder of them")
+    raise DataError(f"{path}: expected a .jsonl file (one JSON object a line), a .parquet file or a folder of them")
 
 
 def _needed(columns: Columns) -> list[str]:
@@ -208,7 +210,7 @@ def _needed(columns: Columns) -> list[str]:
 def _check_columns(names: list[str], columns: Columns, path: Path) -> None:
     missing = [c for c in _needed(columns) if c not in names]
     if missing:
-        raise ValueError(f"{path} has no column(s) {', '.join(missing)}; its columns: {', '.join(names)}")
+        raise DataError(f"{path} has no column(s) {', '.join(missing)}; its columns: {', '.join(names)}")
 
 
 def _local_batches(path: Path, columns: Columns, batch_size: int) -> Iterator[pa.Table]:
@@ -231,7 +233,7 @@ def _local_batches(path: Path, columns: Columns, batch_size: int) -> Iterator[pa
 def _prepare_output(output: Path) -> tuple[Path, Path]:
     profiles, documents = output / PROFILES, output / DOCUMENTS
     if profiles.exists() or documents.exists():
-        raise ValueError(f"{output} already holds a compressed corpus: choose a new folder or delete it")
+        raise DataError(f"{output} already holds a compressed corpus: choose a new folder or delete it")
     output.mkdir(parents=True, exist_ok=True)
     return profiles, documents
 
@@ -288,7 +290,7 @@ def _run_ray(
     has_gpus = resources.get("GPU", 0) >= 1
     if workers * cpus_per_worker >= resources.get("CPU", 0):
         # Reading and writing tasks need CPUs too: model replicas holding all of them stall the pipeline for good.
-        raise ValueError(
+        raise DataError(
             f"{workers} workers x {cpus_per_worker} CPUs take all {resources.get('CPU', 0):g} CPUs of the Ray cluster, "
             "leaving none to read and write data: lower --workers or --cpus-per-worker"
         )
@@ -330,13 +332,13 @@ def compress_corpus(
     model, columns = model or ModelSpec(), columns or Columns()
     path, output = Path(input_path), Path(output_dir)
     if not path.exists():
-        raise FileNotFoundError(f"no such input: {path}")
+        raise DataError(f"no such input: {path}")
     if engine == "local":
         _run_local(path, output, model, columns, per_document, batch_size)
     elif engine == "ray":
         _run_ray(path, output, model, columns, per_document, batch_size, workers, cpus_per_worker, address)
     else:
-        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+        raise ConfigError(f"engine must be 'local' or 'ray', got {engine!r}")
     return _summary(output)
 
 

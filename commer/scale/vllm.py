@@ -26,7 +26,7 @@ from commer.merge import ProfileState
 if TYPE_CHECKING:
     import httpx
 
-    from commer.pipeline import Personalizer
+    from commer.serving import Personalizer
 
 
 class VLLMError(RuntimeError):

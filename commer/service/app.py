@@ -10,36 +10,31 @@ request it cannot take is a 429 with ``Retry-After``.
 # built per app (their bounds come from ``ServiceLimits``), so they only exist in ``create_app``'s scope.
 
 import asyncio
-import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
-from fastapi import Depends, FastAPI, Path, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
-from starlette.routing import BaseRoute, Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from commer.checkpoint import model_fingerprint
-from commer.model import DocumentTooLongError
-from commer.pipeline import Personalizer
-from commer.service.batcher import (
-    BatchStats,
+from commer.service.limits import ServiceLimits
+from commer.service.middleware import Guard, Metrics
+from commer.service.schemas import DocId, UserId, request_models
+from commer.service.worker import (
     GenerationJob,
     ModelWorker,
     QueueFullError,
     RejectedGenerationError,
-    check_sampling,
 )
-from commer.service.limits import ServiceLimits
+from commer.serving import Personalizer, plan_add
 from commer.store import (
     CorruptProfileError,
     DocumentConflictError,
@@ -47,170 +42,15 @@ from commer.store import (
     StaleProfileError,
     UnknownDocumentError,
     UnknownUserError,
-    text_hash,
 )
+from commer.text import ContextTooLongError, EmptyTextError
 
 if TYPE_CHECKING:
     from commer.scale.vllm import VLLMGenerator
 
 log = logging.getLogger("commer.service")
 
-# User and document ids travel in URL paths: a conservative alphabet keeps them unambiguous there.
-ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.@:+-]*$"
-MAX_ID_CHARS = 128
-# Metric labels come from fixed sets: a client's made-up method must not create a time series.
-HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 RETRY_AFTER_S = 1
-UNAUTHORIZED = "missing or invalid API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
-
-
-class RejectedDocumentError(ValueError):
-    """A document the model cannot compress (blank after tokenization, or too long for the context)."""
-
-
-class _Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "commer_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "commer_http_request_duration_seconds",
-            "HTTP request latency, to the last byte of the response",
-            ["method", "route"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-            registry=self.registry,
-        )
-        self.batch_size = Histogram(
-            "commer_generate_batch_size",
-            "Generations decoded together in one batch",
-            buckets=(1, 2, 4, 8, 16, 32, 64),
-            registry=self.registry,
-        )
-        self.batch_seconds = Histogram(
-            "commer_generate_batch_seconds", "Wall time of one decoding batch", registry=self.registry
-        )
-        self.tokens = Counter("commer_generated_tokens_total", "Tokens generated", registry=self.registry)
-        self.documents_added = Counter(
-            "commer_documents_added_total", "Documents compressed and added to profiles", registry=self.registry
-        )
-        self.queue_depth = Gauge(
-            "commer_model_queue_depth", "Jobs waiting for the model worker", registry=self.registry
-        )
-
-    def on_batch(self, stats: BatchStats) -> None:
-        self.batch_size.observe(stats.size)
-        self.batch_seconds.observe(stats.seconds)
-
-
-class _Guard:
-    """ASGI middleware: refuse a ``/v1`` request without a valid API key (401) before reading its body, and a body
-    over the limit (413) before anything parses it; record each request's status and latency under its method (if a
-    known one) and route template (not the raw path, which would explode the label space)."""
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        metrics: _Metrics,
-        max_body_bytes: int,
-        keys: Sequence[tuple[bytes, str]],
-        routes: Sequence[BaseRoute],
-    ) -> None:
-        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
-        self.keys, self.routes = keys, routes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            if scope["path"] == "/v1" or scope["path"].startswith("/v1/"):
-                tenant = self._tenant(scope)
-                if tenant is None:
-                    status = 401
-                    await _send_json(send, 401, {"detail": UNAUTHORIZED}, [(b"www-authenticate", b"Bearer")])
-                    return
-                scope.setdefault("state", {})["tenant"] = tenant
-            replay = await self._buffer_body(scope, receive)
-            if replay is None:
-                status = 413
-                await _send_json(send, 413, {"detail": f"request body over {self.max_body_bytes} bytes"})
-                return
-            await self.app(scope, replay, send_wrapper)
-        finally:
-            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
-            route = self._route(scope)
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
-
-    def _tenant(self, scope: Scope) -> str | None:
-        """The tenant of the request's API key, if it is one."""
-        headers = dict(scope["headers"])
-        scheme, _, credentials = headers.get(b"authorization", b"").partition(b" ")
-        given = credentials.strip() if scheme.lower() == b"bearer" else headers.get(b"x-api-key", b"")
-        if not given:
-            return None
-        # Compare against every key in constant time: no timing hint of how much of a key was right.
-        found = [t for k, t in self.keys if hmac.compare_digest(k, given)]
-        return found[0] if found else None
-
-    def _route(self, scope: Scope) -> str:
-        """The route template: the one routing chose, else the first that matches (a request refused before
-        routing), else ``unmatched``."""
-        if (route := scope.get("route")) is not None:
-            return route.path
-        for candidate in self.routes:
-            if candidate.matches(scope)[0] != Match.NONE:
-                return getattr(candidate, "path", "unmatched")
-        return "unmatched"
-
-    async def _buffer_body(self, scope: Scope, receive: Receive) -> Receive | None:
-        """Read the body up to the limit and return a ``receive`` that replays it; ``None`` when it is too big."""
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return None
-        if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
-            return receive
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return receive  # client gone: let the app see the disconnect
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                return None
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return replay
-
-
-async def _send_json(
-    send: Send, status: int, payload: dict[str, Any], extra_headers: Sequence[tuple[bytes, bytes]] = ()
-) -> None:
-    body = json.dumps(payload).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class _Detokenizer:
@@ -237,18 +77,6 @@ class _Detokenizer:
         return delta
 
 
-def _check_documents(personalizer: Personalizer, texts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
-    """Compress, naming the document the model refuses (run on the model worker: it tokenizes)."""
-    for text, label in zip(texts, labels, strict=True):
-        try:
-            personalizer.collator.encode_documents([text])
-        except DocumentTooLongError as err:
-            raise RejectedDocumentError(f"{label} is too long: {str(err).removeprefix('document 0 ')}") from err
-        except ValueError as err:
-            raise RejectedDocumentError(f"{label} cannot be compressed: {err}") from err
-    return personalizer.compress(list(texts))
-
-
 def create_app(
     personalizer: Personalizer,
     store: ProfileStore,
@@ -266,7 +94,7 @@ def create_app(
     if fingerprint != store.fingerprint:
         raise ValueError(f"the store serves model {store.fingerprint}, the personalizer is model {fingerprint}")
     keys = [(k.encode(), t) for k, t in api_keys.items()]
-    metrics = _Metrics()
+    metrics = Metrics()
     worker = ModelWorker(
         personalizer,
         limits.max_batch_size,
@@ -293,7 +121,7 @@ def create_app(
 
     app = FastAPI(title="commer", summary="Personalized generation from compressed user documents", lifespan=lifespan)
     app.add_middleware(
-        _Guard, metrics=metrics, max_body_bytes=limits.max_body_bytes, keys=keys, routes=app.router.routes
+        Guard, metrics=metrics, max_body_bytes=limits.max_body_bytes, keys=keys, routes=app.router.routes
     )
     app.state.worker, app.state.store, app.state.metrics = worker, store, metrics
 
@@ -323,7 +151,8 @@ def create_app(
         (UnknownDocumentError, 404),
         (DocumentConflictError, 409),
         (StaleProfileError, 409),
-        (RejectedDocumentError, 422),
+        (ContextTooLongError, 422),  # a document the model cannot read
+        (EmptyTextError, 422),
         (RejectedGenerationError, 422),
         (CorruptProfileError, 500),  # the server's data, not the request, is at fault: said plainly
     ]:
@@ -337,59 +166,11 @@ def create_app(
     app.add_exception_handler(QueueFullError, queue_full)
 
     def tenant(request: Request) -> str:
-        """The tenant ``_Guard`` found for the request's API key."""
+        """The tenant ``Guard`` found for the request's API key."""
         return request.state.tenant
 
-    # -- request bodies ---------------------------------------------------------------------------------------------
-    # strict: "3" is not a number, "yes" not a boolean.
-    class DocumentIn(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True)
-        text: str = Field(min_length=1, max_length=limits.max_document_chars, description="The document's text.")
-        id: str | None = Field(
-            None, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN, description="Default: SHA-256 of text."
-        )
-
-        @field_validator("text")
-        @classmethod
-        def _text(cls, text: str) -> str:
-            if not text.strip():
-                raise ValueError("document text is blank")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise ValueError("document text is not valid Unicode (lone surrogate)") from err
-            return text
-
-    class AddDocuments(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True)
-        documents: list[DocumentIn] = Field(min_length=1, max_length=limits.max_documents_per_request)
-
-    class GenerateIn(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True)
-        instruction: str = Field(min_length=1, max_length=limits.max_instruction_chars)
-        max_new_tokens: int = Field(32, ge=1, le=limits.max_new_tokens)
-        temperature: float = Field(0.0, ge=0.0, le=10.0, allow_inf_nan=False)
-        top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-        stream: bool = False
-
-        @field_validator("instruction")
-        @classmethod
-        def _instruction(cls, text: str) -> str:
-            if not text.strip():
-                raise ValueError("instruction is blank")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise ValueError("instruction is not valid Unicode (lone surrogate)") from err
-            return text
-
-        @model_validator(mode="after")
-        def _sampling(self) -> "GenerateIn":
-            check_sampling(self.temperature, self.top_p)  # as the model will see them: in float32
-            return self
-
-    UserId = Path(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
-    DocId = Path(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
+    models = request_models(limits)
+    AddDocuments, GenerateIn = models.add_documents, models.generate  # noqa: N806 - FastAPI reads them as types
 
     # -- routes -----------------------------------------------------------------------------------------------------
     @app.get("/healthz")
@@ -405,24 +186,24 @@ def create_app(
     @app.post("/v1/users/{user}/documents")
     async def add_documents(body: AddDocuments, user: str = UserId, tenant: str = Depends(tenant)) -> dict[str, Any]:
         """Compress and add one or many documents (creating the user); re-adding a document is a no-op."""
+        # commer.serving.add_texts, with the compression on the model worker (plan -> compress -> commit)
         texts = [doc.text for doc in body.documents]
         ids = [doc.id for doc in body.documents]
-        new = await run_in_threadpool(store.missing_documents, tenant, user, texts, ids)
-        chosen = [texts[i] for i in new]
+        plan = await run_in_threadpool(plan_add, store, tenant, user, texts, ids)
+        chosen = [texts[i] for i in plan.new]
         if chosen:
-            labels = [f"document {i} ({ids[i] or 'sha256 ' + text_hash(texts[i])[:12]})" for i in new]
+            labels = plan.labels(ids)
             compressions = await asyncio.wrap_future(
-                worker.submit(lambda: _check_documents(personalizer, chosen, labels), tenant)
+                worker.submit(lambda: personalizer.compress(chosen, names=labels), tenant)
             )
         else:
             compressions = torch.empty(0, k, d)
         # A concurrent identical add may have stored some of them meanwhile: "added" is what this request stored.
         done = await run_in_threadpool(
-            store.insert_documents, tenant, user, chosen, compressions, [ids[i] for i in new]
+            store.insert_documents, tenant, user, chosen, compressions, [ids[i] for i in plan.new]
         )
         metrics.documents_added.inc(len(done.added))
-        all_ids = [i if i is not None else text_hash(t) for i, t in zip(ids, texts, strict=True)]
-        return {"user": user, "ids": all_ids, "added": done.added, "count": done.count}
+        return {"user": user, "ids": plan.ids, "added": done.added, "count": done.count}
 
     @app.get("/v1/users/{user}")
     async def get_user(user: str = UserId, tenant: str = Depends(tenant)) -> dict[str, Any]:

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from commer.config import DEFAULT_BACKBONE, DEFAULT_K, ComMerConfig, help_of
+from commer.errors import CommerError
 from commer.service.limits import ServiceLimits
 
 if TYPE_CHECKING:
-    from commer.pipeline import Personalizer
+    from commer.serving import Personalizer
     from commer.store import ProfileStore
 
 DEFAULT_DB = Path("commer.db")
@@ -26,33 +28,35 @@ profile_app = typer.Typer(
     help="Manage stored user profiles (directly on the database, no server).", no_args_is_help=True
 )
 
-_CHECKPOINT = typer.Option(None, help="Trained checkpoint folder (default: an untrained ComMer, with a warning).")
-_BACKBONE = typer.Option("smollm2-135m", help="Backbone: 'smollm2-135m', a model folder or a hub id.")
-_K = typer.Option(16, "--k", help="K, compression embeddings per document (untrained model only).")
+# The served model's options, shared by every command that loads one (here and in commer.cli).
+CHECKPOINT = typer.Option(
+    None, help="Trained checkpoint folder or 'pretrained' (default: an untrained ComMer, with a warning)."
+)
+BACKBONE = typer.Option(DEFAULT_BACKBONE, help="Backbone: 'smollm2-135m', a local model folder or a hub id.")
+K = typer.Option(DEFAULT_K, "--k", help=help_of(ComMerConfig, "num_embeddings") + " Untrained model only.")
 _DB = typer.Option(DEFAULT_DB, help="SQLite database of the profiles.")
 _TENANT = typer.Option("default", help="Tenant the user belongs to.")
 _LIMITS = ServiceLimits()
 
 
-def load_personalizer(checkpoint: Path | None, backbone: str, num_embeddings: int = 16) -> Personalizer:
-    """The served model: a checkpoint on ``backbone``, or an untrained ComMer (seeded, so that its fingerprint, and
-    therefore the stored vectors, stay valid across restarts)."""
-    import torch
-
-    from commer.backbone import load_backbone
-    from commer.config import ComMerConfig
-    from commer.pipeline import Personalizer
-
-    bb = _or_exit(load_backbone, backbone)
-    if checkpoint is not None:
-        return _or_exit(Personalizer.from_checkpoint, checkpoint, bb)
-    typer.secho(
-        "warning: no --checkpoint: serving an UNTRAINED compressor; answers show the mechanics, not quality",
-        fg=typer.colors.YELLOW,
-        err=True,
+def _limit(name: str):  # noqa: ANN202 - a typer option
+    """``commer serve``'s option for a ``ServiceLimits`` field: its default and help from the field."""
+    return typer.Option(
+        getattr(_LIMITS, name), min=0.0 if name == "batch_wait_ms" else 1, help=help_of(ServiceLimits, name)
     )
-    torch.manual_seed(0)  # LoRA's A matrices are random at init and part of the fingerprint
-    return Personalizer.new(bb, ComMerConfig(num_embeddings=num_embeddings))
+
+
+def served_model(checkpoint: Path | str | None, backbone: str, num_embeddings: int) -> Personalizer:
+    """``commer.serving.load_personalizer`` from the shared options, warning when the model is untrained."""
+    from commer.serving import load_personalizer
+
+    if checkpoint is None:
+        typer.secho(
+            "warning: no --checkpoint: serving an UNTRAINED compressor; answers show the mechanics, not quality",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    return _or_exit(load_personalizer, checkpoint, backbone, num_embeddings)
 
 
 def open_store(db: Path, personalizer: Personalizer) -> ProfileStore:
@@ -83,37 +87,25 @@ def read_api_keys(path: Path | None) -> dict[str, str]:
 
 
 def serve(
-    checkpoint: Path | None = _CHECKPOINT,
-    backbone: str = _BACKBONE,
-    num_embeddings: int = _K,
+    checkpoint: Path | None = CHECKPOINT,
+    backbone: str = BACKBONE,
+    num_embeddings: int = K,
     db: Path = _DB,
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="TCP port."),
     api_keys: Path | None = typer.Option(
         None, exists=True, dir_okay=False, help='JSON file {"API key": "tenant"} (default: $COMMER_API_KEYS).'
     ),
-    max_batch_size: int = typer.Option(_LIMITS.max_batch_size, min=1, help="Most generations decoded together."),
-    batch_wait_ms: float = typer.Option(
-        _LIMITS.batch_wait_ms, min=0.0, help="How long a generation waits for others to batch with."
-    ),
-    max_new_tokens: int = typer.Option(_LIMITS.max_new_tokens, min=1, help="Largest max_new_tokens a request may ask."),
-    max_document_chars: int = typer.Option(_LIMITS.max_document_chars, min=1, help="Longest document, in characters."),
-    max_documents_per_request: int = typer.Option(
-        _LIMITS.max_documents_per_request, min=1, help="Most documents one request may add."
-    ),
-    max_instruction_chars: int = typer.Option(
-        _LIMITS.max_instruction_chars, min=1, help="Longest instruction, in characters."
-    ),
-    max_body_bytes: int = typer.Option(_LIMITS.max_body_bytes, min=1, help="Largest request body (413 past it)."),
-    max_queued: int = typer.Option(
-        _LIMITS.max_queued, min=1, help="Most jobs waiting for the model, all tenants together (429 past it)."
-    ),
-    max_queued_per_tenant: int = typer.Option(
-        _LIMITS.max_queued_per_tenant, min=1, help="Most jobs of one tenant waiting for the model (429 past it)."
-    ),
-    max_active_batches: int = typer.Option(
-        _LIMITS.max_active_batches, min=1, help="Most batches decoding at once (their steps interleaved)."
-    ),
+    max_batch_size: int = _limit("max_batch_size"),
+    batch_wait_ms: float = _limit("batch_wait_ms"),
+    max_new_tokens: int = _limit("max_new_tokens"),
+    max_document_chars: int = _limit("max_document_chars"),
+    max_documents_per_request: int = _limit("max_documents_per_request"),
+    max_instruction_chars: int = _limit("max_instruction_chars"),
+    max_body_bytes: int = _limit("max_body_bytes"),
+    max_queued: int = _limit("max_queued"),
+    max_queued_per_tenant: int = _limit("max_queued_per_tenant"),
+    max_active_batches: int = _limit("max_active_batches"),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     generator: str = typer.Option("local", help="Who decodes: 'local' (this process) or 'vllm' (a vLLM server)."),
     vllm_url: str | None = typer.Option(None, help="The vLLM server (started with --enable-prompt-embeds)."),
@@ -129,16 +121,16 @@ def serve(
     if generator == "vllm" and not vllm_url:
         raise typer.BadParameter("--generator vllm needs --vllm-url, e.g. http://127.0.0.1:8001")
     keys = read_api_keys(api_keys)
-    personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
+    personalizer = served_model(checkpoint, backbone, num_embeddings)
     store = open_store(db, personalizer)
     limits = ServiceLimits(
-        max_document_chars=max_document_chars,
-        max_documents_per_request=max_documents_per_request,
-        max_new_tokens=max_new_tokens,
-        max_instruction_chars=max_instruction_chars,
-        max_body_bytes=max_body_bytes,
         max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms,
+        max_new_tokens=max_new_tokens,
+        max_document_chars=max_document_chars,
+        max_documents_per_request=max_documents_per_request,
+        max_instruction_chars=max_instruction_chars,
+        max_body_bytes=max_body_bytes,
         max_queued=max_queued,
         max_queued_per_tenant=max_queued_per_tenant,
         max_active_batches=max_active_batches,
@@ -160,9 +152,9 @@ def generate(
     user: str = typer.Argument(..., help="The user whose profile personalizes the answer."),
     instruction: str = typer.Argument(..., help="What to answer."),
     tenant: str = _TENANT,
-    checkpoint: Path | None = _CHECKPOINT,
-    backbone: str = _BACKBONE,
-    num_embeddings: int = _K,
+    checkpoint: Path | None = CHECKPOINT,
+    backbone: str = BACKBONE,
+    num_embeddings: int = K,
     db: Path = _DB,
     max_new_tokens: int = typer.Option(64, min=1),
     temperature: float = typer.Option(0.0, min=0.0),
@@ -170,7 +162,7 @@ def generate(
     seed: int | None = typer.Option(None),
 ) -> None:
     """Answer an instruction from a stored profile, without a server."""
-    personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
+    personalizer = served_model(checkpoint, backbone, num_embeddings)
     with open_store(db, personalizer) as store:
         profile = _or_exit(store.get_profile, tenant, user)
     [answer] = personalizer.generate([profile], [instruction], max_new_tokens, temperature, top_p, seed)
@@ -183,38 +175,37 @@ def profile_add(
     files: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Text files, one document each."),
     lines: bool = typer.Option(False, help="Each non-blank line of a file is a document."),
     tenant: str = _TENANT,
-    checkpoint: Path | None = _CHECKPOINT,
-    backbone: str = _BACKBONE,
-    num_embeddings: int = _K,
+    checkpoint: Path | None = CHECKPOINT,
+    backbone: str = BACKBONE,
+    num_embeddings: int = K,
     db: Path = _DB,
 ) -> None:
     """Compress documents and add them to a user's profile (already stored documents are skipped)."""
-    from commer.store import add_texts
+    from commer.serving import add_texts
 
     texts = []
     for file in files:
         text = file.read_text(encoding="utf-8")
         texts.extend([x for x in text.splitlines() if x.strip()] if lines else [text])
-    personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
+    personalizer = served_model(checkpoint, backbone, num_embeddings)
     with open_store(db, personalizer) as store:
-        ids = _or_exit(add_texts, store, personalizer, tenant, user, texts)
-        count = store.user_info(tenant, user).count
-    for doc_id in ids:
+        done = _or_exit(add_texts, store, personalizer, tenant, user, texts)
+    for doc_id in done.ids:
         typer.echo(doc_id)
-    typer.echo(f"user {user!r}: {count} documents", err=True)
+    typer.echo(f"user {user!r}: {done.count} documents", err=True)
 
 
 @profile_app.command("show")
 def profile_show(
     user: str = typer.Argument(...),
     tenant: str = _TENANT,
-    checkpoint: Path | None = _CHECKPOINT,
-    backbone: str = _BACKBONE,
-    num_embeddings: int = _K,
+    checkpoint: Path | None = CHECKPOINT,
+    backbone: str = BACKBONE,
+    num_embeddings: int = K,
     db: Path = _DB,
 ) -> None:
     """Print a user's profile: count, model fingerprint and documents (JSON)."""
-    personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
+    personalizer = served_model(checkpoint, backbone, num_embeddings)
     with open_store(db, personalizer) as store:
         info = _or_exit(store.user_info, tenant, user)
         docs = store.list_documents(tenant, user)
@@ -234,13 +225,13 @@ def profile_remove(
     user: str = typer.Argument(...),
     doc: str = typer.Argument(..., help="Document id (as `profile show` lists it)."),
     tenant: str = _TENANT,
-    checkpoint: Path | None = _CHECKPOINT,
-    backbone: str = _BACKBONE,
-    num_embeddings: int = _K,
+    checkpoint: Path | None = CHECKPOINT,
+    backbone: str = BACKBONE,
+    num_embeddings: int = K,
     db: Path = _DB,
 ) -> None:
     """Remove one document from a user's profile."""
-    personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
+    personalizer = served_model(checkpoint, backbone, num_embeddings)
     with open_store(db, personalizer) as store:
         count = _or_exit(store.remove_document, tenant, user, doc)
     typer.echo(f"removed {doc}; user {user!r} has {count} documents")
@@ -248,13 +239,13 @@ def profile_remove(
 
 @profile_app.command("rebuild")
 def profile_rebuild(
-    checkpoint: Path | None = _CHECKPOINT,
-    backbone: str = _BACKBONE,
-    num_embeddings: int = _K,
+    checkpoint: Path | None = CHECKPOINT,
+    backbone: str = BACKBONE,
+    num_embeddings: int = K,
     db: Path = _DB,
 ) -> None:
     """Re-compress the stored documents of every profile computed by another model than this one."""
-    personalizer = load_personalizer(checkpoint, backbone, num_embeddings)
+    personalizer = served_model(checkpoint, backbone, num_embeddings)
     with open_store(db, personalizer) as store:
         report = store.rebuild(personalizer)
     typer.echo(f"rebuilt {report.users} profiles ({report.documents} documents) for model {store.fingerprint}")
@@ -265,13 +256,11 @@ def profile_rebuild(
 
 
 def _or_exit(fn, *args):  # noqa: ANN001, ANN202 - a thin wrapper
-    """Run a model or store operation; a known error (a bad checkpoint, backbone or database path, a store error)
-    becomes a one-line message and exit status 1, not a traceback."""
-    from commer.store import StoreError
-
+    """Run a model or store operation; an error the user can fix (a bad checkpoint, backbone or database path, a
+    store error) becomes a one-line message and exit status 1, not a traceback."""
     try:
         return fn(*args)
-    except (StoreError, ValueError, OSError, sqlite3.Error) as err:
+    except (CommerError, OSError, sqlite3.Error) as err:
         typer.secho(f"error: {err}", err=True, fg="red")
         raise typer.Exit(1) from err
 

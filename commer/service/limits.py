@@ -1,21 +1,24 @@
-"""The service's bounds, apart from the app so that the command line can read their defaults without loading it."""
+"""The service's bounds, apart from the app so that the command line can read their defaults and help without loading
+it (every field is a ``commer serve`` option)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from commer.config import setting
 
 
 @dataclass(frozen=True)
 class ServiceLimits:
     """Bounds on requests and on the model queue; anything beyond them is a 4xx with a message, never a 500."""
 
-    max_document_chars: int = 20_000
-    max_documents_per_request: int = 64
-    max_new_tokens: int = 256
-    max_instruction_chars: int = 4_000
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_batch_size: int = 16
-    batch_wait_ms: float = 5.0
-    max_queued: int = 256  # jobs waiting for the model, all tenants together (429 past it)
-    max_queued_per_tenant: int = 64  # jobs of one tenant waiting for the model (429 past it)
-    max_active_batches: int = 2  # batches decoding at once, steps interleaved
+    max_document_chars: int = setting(20_000, "Longest document, in characters.")
+    max_documents_per_request: int = setting(64, "Most documents one request may add.")
+    max_new_tokens: int = setting(256, "Largest max_new_tokens a request may ask.")
+    max_instruction_chars: int = setting(4_000, "Longest instruction, in characters.")
+    max_body_bytes: int = setting(8 * 1024 * 1024, "Largest request body (413 past it).")
+    max_batch_size: int = setting(16, "Most generations decoded together.")
+    batch_wait_ms: float = setting(5.0, "How long a generation waits for others to batch with.")
+    max_queued: int = setting(256, "Most jobs waiting for the model, all tenants together (429 past it).")
+    max_queued_per_tenant: int = setting(64, "Most jobs of one tenant waiting for the model (429 past it).")
+    max_active_batches: int = setting(2, "Most batches decoding at once (their steps interleaved).")

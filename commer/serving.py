@@ -1,4 +1,11 @@
-"""Text in, text out: a ComMer model with its tokenizer, for applications (the CLI, the store, the service).
+"""Text in, text out: the served model and the rules every application of it shares (the CLI, the store, the HTTP
+service, Ray and vLLM).
+
+- ``Personalizer``: a ComMer model with its tokenizer; ``load_personalizer`` is the one way to load the served model
+  (a checkpoint, or an untrained ComMer of K on a backbone).
+- A document's id (``document_ids``: given, else the SHA-256 of its text).
+- Adding documents to a stored profile: plan (which documents are new: ``plan_add``) -> compress -> commit
+  (``ProfileStore.insert_documents``); ``add_texts`` does all three, the HTTP route runs the compression on its worker.
 
 >>> from commer import Personalizer, load_backbone
 >>> p = Personalizer.new(load_backbone("smollm2-135m"))        # or .from_checkpoint("ckpt/", backbone)
@@ -8,18 +15,25 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from commer.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from commer.backbone import Backbone, load_backbone
 from commer.checkpoint import PRETRAINED, load_checkpoint
-from commer.config import ComMerConfig
-from commer.data.collate import Collator
+from commer.config import DEFAULT_BACKBONE, DEFAULT_K, ComMerConfig
+from commer.errors import ConfigError
 from commer.merge import ProfileState, stack_profiles
 from commer.model import ComMer
+from commer.text import Collator
+
+if TYPE_CHECKING:  # the store sits above serving: named in annotations here, never imported
+    from commer.store import ProfileStore
 
 
 class Personalizer:
@@ -28,6 +42,12 @@ class Personalizer:
     def __init__(self, model: ComMer, tokenizer: PreTrainedTokenizerBase) -> None:
         if not isinstance(model, ComMer):
             raise TypeError(f"Personalizer needs a ComMer model, got {type(model).__name__}")
+        if model.config.merge != "mean":
+            # Profiles are running sums (O(1) updates, the store, vLLM requests): only the mean merge can be served.
+            raise ConfigError(
+                f"this model was trained with merge {model.config.merge!r}; profiles are served as running means, so "
+                "only merge 'mean' can be served: train with merge: mean, or evaluate it with the library's batches"
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.collator = Collator(tokenizer, model.config, model.max_length)
@@ -72,11 +92,15 @@ class Personalizer:
         return prefix.to(dtype), mask
 
     @torch.no_grad()
-    def compress(self, documents: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-        """``(n, K, D)`` compressions of ``documents`` (float32, on the CPU), in batches of similar lengths."""
+    def compress(
+        self, documents: Sequence[str], batch_size: int = 16, names: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """``(n, K, D)`` compressions of ``documents`` (float32, on the CPU), in batches of similar lengths. A document
+        the model cannot read (empty, or too long for the context) raises an error naming it (``names[i]``, else
+        ``document i``)."""
         if not documents:
             raise ValueError("no documents to compress: pass at least one document")
-        encoded = self.collator.encode_documents(documents)
+        encoded = self.collator.encode_documents(documents, names=names)
         # Sorting by length keeps padding (wasted compute) small; results go back to input order.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         out = torch.empty(len(encoded), *self.shape)
@@ -146,3 +170,81 @@ class Personalizer:
             tokens = step.tolist()
             yield [None if e else t for e, t in zip(ended, tokens, strict=True)]
             ended = [e or t == self.tokenizer.eos_token_id for e, t in zip(ended, tokens, strict=True)]
+
+
+def load_personalizer(
+    checkpoint: str | Path | None, backbone: str = DEFAULT_BACKBONE, num_embeddings: int = DEFAULT_K
+) -> Personalizer:
+    """The served model: ``checkpoint`` (a folder or ``"pretrained"``) on ``backbone``, or with no checkpoint an
+    untrained ComMer of ``num_embeddings`` (seeded, so that its fingerprint, and therefore stored vectors, stay valid
+    across restarts: LoRA's A matrices are random at init and part of the fingerprint)."""
+    bb = load_backbone(backbone)
+    if checkpoint is not None:
+        return Personalizer.from_checkpoint(checkpoint, bb)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Personalizer.new(bb, ComMerConfig(num_embeddings=num_embeddings))
+
+
+# -- documents of stored profiles -----------------------------------------------------------------------------------
+def text_hash(text: str) -> str:
+    """SHA-256 of a document's UTF-8 text: its default id, and how a re-added document is recognised."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def document_ids(texts: Sequence[str], ids: Sequence[str | None] | None = None) -> tuple[list[str], list[str]]:
+    """Each document's id (``ids[i]`` where given, else the SHA-256 of its text) and its text's SHA-256."""
+    hashes = [text_hash(t) for t in texts]
+    ids = list(ids) if ids is not None else [None] * len(texts)
+    if len(ids) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(ids)} ids")
+    return [i if i is not None else h for i, h in zip(ids, hashes, strict=True)], hashes
+
+
+@dataclass(frozen=True)
+class AddedDocuments:
+    """What adding documents did: every document's id (input order), the ids stored by this call (the others were
+    already there) and the profile's count after it."""
+
+    ids: list[str]
+    added: list[str]
+    count: int
+
+
+@dataclass(frozen=True)
+class AddPlan:
+    """Which of the documents to add are new to the profile: the only ones worth compressing."""
+
+    ids: list[str]  # every document's id, input order
+    new: list[int]  # indices of the documents to compress and store (first occurrence of each new id)
+
+    def labels(self, given: Sequence[str | None]) -> list[str]:
+        """How errors name the new documents: ``document i (id)``, the id shortened when it is a hash."""
+        return [f"document {i} ({given[i] or 'sha256 ' + self.ids[i][:12]})" for i in self.new]
+
+
+def plan_add(
+    store: ProfileStore, tenant: str, user: str, texts: Sequence[str], ids: Sequence[str | None] | None = None
+) -> AddPlan:
+    """Step 1 of adding documents: their ids and which of them the profile lacks (conflicts and stale profiles are
+    refused here, before any compute is spent)."""
+    return AddPlan(document_ids(texts, ids)[0], store.missing_documents(tenant, user, texts, ids))
+
+
+def add_texts(
+    store: ProfileStore,
+    personalizer: Personalizer,
+    tenant: str,
+    user: str,
+    texts: Sequence[str],
+    ids: Sequence[str | None] | None = None,
+) -> AddedDocuments:
+    """Compress the documents the user does not have yet and add them: plan -> compress -> commit in one call."""
+    given = list(ids) if ids is not None else [None] * len(texts)
+    plan = plan_add(store, tenant, user, texts, given)
+    chosen = [texts[i] for i in plan.new]
+    compressions = (
+        personalizer.compress(chosen, names=plan.labels(given)) if chosen else torch.empty(0, *personalizer.shape)
+    )
+    done = store.insert_documents(tenant, user, chosen, compressions, [given[i] for i in plan.new])
+    return AddedDocuments(plan.ids, done.added, done.count)

@@ -31,7 +31,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from commer.merge import ProfileState
-from commer.pipeline import Personalizer
+from commer.serving import Personalizer
 
 log = logging.getLogger("commer.service")
 

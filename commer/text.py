@@ -1,20 +1,51 @@
-"""Examples -> model ``Batch``es: the only place where text meets token ids.
+"""Text -> token ids -> model ``Batch``es: the only place where text meets the model, below the models and the data.
 
 ComMer reads each document separately (it is compressed on its own); prompt tuning reads the documents as text in
-the prompt, ``Document 1: ... Document 2: ...`` then the instruction (appendix A.2 of the paper).
+the prompt, ``Document 1: ... Document 2: ...`` then the instruction (appendix A.2 of the paper). ``check_context`` is
+the one rule for what fits the backbone's context, whoever asks (collation, compression, decoding, the service).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from commer.batch import Batch
 from commer.config import ComMerConfig
-from commer.data.example import Example
-from commer.model import IGNORE_INDEX, DocumentTooLongError
+from commer.errors import CommerError
+
+IGNORE_INDEX = -100  # the label of positions without loss (prompt, padding, soft prompt): PyTorch's default
+
+
+@dataclass
+class Example:
+    """A user's documents, a request to them, and (for training and evaluation) the gold answer: the one example type
+    every dataset yields."""
+
+    user_id: str
+    documents: list[str] = field(default_factory=list)
+    instruction: str = ""
+    answer: str = ""
+
+
+class ContextTooLongError(CommerError, ValueError):
+    """What the backbone would read at once (a document and its K slots, or a soft prompt, prompt and answer) does
+    not fit its context."""
+
+
+class EmptyTextError(CommerError, ValueError):
+    """A document with no text to compress."""
+
+
+def check_context(what: str, positions: int, max_length: int) -> None:
+    """Refuse ``what`` when its ``positions`` exceed the backbone's context of ``max_length``."""
+    if positions > max_length:
+        raise ContextTooLongError(
+            f"{what} needs {positions} positions, more than the backbone's context of {max_length}"
+        )
 
 
 def documents_as_text(documents: Sequence[str], instruction: str) -> str:
@@ -49,20 +80,24 @@ class Collator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # -- pieces, also used by the text-level ``Personalizer`` ---------------------------------------------------------
-    def encode_documents(self, documents: Sequence[str], owner: str = "") -> list[list[int]]:
-        """Token ids of each document; empty or over-long documents raise an error naming them."""
+    def encode_documents(
+        self, documents: Sequence[str], owner: str = "", names: Sequence[str] | None = None
+    ) -> list[list[int]]:
+        """Token ids of each document; empty or over-long documents raise an error naming them (``document i of
+        user OWNER``, or ``names[i]``)."""
         where = f" of user {owner!r}" if owner else ""
-        limit = self.max_length - self.config.num_embeddings
+        k = self.config.num_embeddings
         encoded = []
         for i, doc in enumerate(documents):
+            name = names[i] if names is not None else f"document {i}{where}"
             if not isinstance(doc, str) or not doc.strip():
-                raise ValueError(f"document {i}{where} is empty: a document needs some text to compress")
+                raise EmptyTextError(f"{name} is empty: a document needs some text to compress")
             ids = self.tokenizer(doc, add_special_tokens=False)["input_ids"]
-            if len(ids) > limit:
-                raise DocumentTooLongError(
-                    f"document {i}{where} has {len(ids)} tokens; with K={self.config.num_embeddings} compression "
-                    f"slots the backbone's context allows at most {limit}"
-                )
+            check_context(
+                f"{name} has {len(ids)} tokens; with K={k} compression slots it",
+                len(ids) + k,
+                self.max_length,
+            )
             encoded.append(ids)
         return encoded
 
@@ -99,12 +134,11 @@ class Collator:
             answer = self.encode_answer(ex.answer) if with_answers else []
             k = self.config.num_embeddings
             prefix_len = k * len(encoded_docs) if commer and self.config.merge == "concat" else k
-            generator_len = prefix_len + len(prompt) + len(answer)
-            if generator_len > self.max_length:
-                raise DocumentTooLongError(
-                    f"example of user {ex.user_id!r}: the generator would read {generator_len} positions, more than "
-                    f"the backbone's context of {self.max_length}"
-                )
+            check_context(
+                f"example of user {ex.user_id!r}: the generator",
+                prefix_len + len(prompt) + len(answer),
+                self.max_length,
+            )
             inputs.append(prompt + answer)
             labels.append([IGNORE_INDEX] * len(prompt) + answer)
         doc_ids, doc_mask = self.pad(docs)
