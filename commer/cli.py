@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from commer.config import DEFAULT_K, ComMerConfig, help_of
+from commer.config import DEFAULT_K, ComMerConfig, TrainConfig, help_of
 from commer.errors import CommerError
 from commer.service.cli import BACKBONE, CHECKPOINT, K, register
 
@@ -77,6 +77,7 @@ def quickstart(
     finetune_steps: int = typer.Option(80),
     batch_size: int = typer.Option(8),
     lr_lora: float = typer.Option(1e-3, help="LoRA learning rate."),
+    contrast_weight: float = typer.Option(0.0, help=help_of(TrainConfig, "contrast_weight")),
     test_users: int = typer.Option(64),
 ) -> None:
     """Fine-tune the shipped compressor on LaMP-7 (or the recall probe) and show on held-out users whether
@@ -97,6 +98,7 @@ def quickstart(
         finetune_steps=finetune_steps,
         batch_size=batch_size,
         lr_lora=lr_lora,
+        contrast_weight=contrast_weight,
         test_users=test_users,
     )
 

@@ -145,6 +145,12 @@ class TrainConfig:
     lr_lora: float = setting(1e-4, "Learning rate of the LoRA.")
     lr_soft_prompt: float = setting(3e-2, "Learning rate of prompt tuning's soft prompt and ComMer's task prompt.")
     lr_bridge: float = setting(1e-3, "Learning rate of the bridge's map from merged compressions (W, gate or MLP).")
+    contrast_weight: float = setting(
+        0.0,
+        "Weight of the personalization hinge: each answer should be contrast_margin nats per token more likely with "
+        "its user's soft prompt than with another user's of the same micro batch (ComMer; 0 turns it off).",
+    )
+    contrast_margin: float = setting(0.1, "The margin of the personalization hinge, in nats per answer token.")
     weight_decay: float = setting(0.001, "AdamW weight decay.")
     max_grad_norm: float = setting(0.3, "Gradient clipping norm.")
     warmup_ratio: float = setting(0.03, "Fraction of the steps spent warming the learning rate up.")
@@ -165,6 +171,10 @@ class TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.contrast_weight < 0 or self.contrast_margin < 0:
+            raise ConfigError(
+                f"contrast_weight and contrast_margin must be >= 0, got {self.contrast_weight}, {self.contrast_margin}"
             )
         if self.eval_every < 1:
             raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")

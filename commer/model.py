@@ -77,12 +77,15 @@ class SoftPromptLM(nn.Module):
         embeds = torch.cat([prefix.to(dtype), self.embed(input_ids)], dim=1)  # (B, P + L, D)
         return embeds, torch.cat([prefix_mask, input_mask.bool()], dim=1)
 
-    def answer_logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def answer_logits(
+        self, batch: Batch, prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher-forced logits at the batch's answer positions: ``(N, V)`` logits (float32) for the N answer tokens
-        of all examples, their ``(N,)`` target ids and the ``(N,)`` example index each belongs to."""
+        of all examples, their ``(N,)`` target ids and the ``(N,)`` example index each belongs to. ``prefix``: the
+        soft prompts to read (``(B, P, D)`` and mask), default ``self.prefix(batch)``."""
         if batch.labels is None:
             raise ValueError("this batch has no labels: collate it with answers to compute a loss or perplexity")
-        prefix, prefix_mask = self.prefix(batch)
+        prefix, prefix_mask = prefix if prefix is not None else self.prefix(batch)
         embeds, mask = self._join(prefix, prefix_mask, batch.input_ids, batch.input_mask)
         labels = torch.cat([batch.labels.new_full(prefix_mask.shape, IGNORE_INDEX), batch.labels], dim=1)
         # Move masked positions (empty prefixes, padding) to the end: then no real query attends to a slot with no
@@ -100,9 +103,12 @@ class SoftPromptLM(nn.Module):
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][selected]).float()  # (N, V)
         return logits, targets[selected], torch.nonzero(selected)[:, 0]
 
-    def nll(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed negative log-likelihood of each example's answer tokens and their number, both ``(B,)``."""
-        logits, targets, rows = self.answer_logits(batch)
+    def nll(
+        self, batch: Batch, prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed negative log-likelihood of each example's answer tokens and their number, both ``(B,)``
+        (``prefix``: see ``answer_logits``)."""
+        logits, targets, rows = self.answer_logits(batch, prefix)
         token_nll = F.cross_entropy(logits, targets, reduction="none")
         nll = token_nll.new_zeros(batch.size).index_add(0, rows, token_nll)
         return nll, torch.bincount(rows, minlength=batch.size)

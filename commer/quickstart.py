@@ -67,6 +67,7 @@ def quickstart(
     finetune_steps: int = 80,
     batch_size: int = 8,
     lr_lora: float = 1e-3,
+    contrast_weight: float = 0.0,
     val_users: int = 48,
     test_users: int = 64,
     show: int = 4,
@@ -91,7 +92,12 @@ def quickstart(
         )
         model = ComMer(backbone, config)
     train_cfg = TrainConfig(
-        batch_size=batch_size, micro_batch_size=min(4, batch_size), lr_lora=lr_lora, log_every=5, seed=seed
+        batch_size=batch_size,
+        micro_batch_size=min(4, batch_size),
+        lr_lora=lr_lora,
+        contrast_weight=contrast_weight,
+        log_every=5,
+        seed=seed,
     )
     stages = {
         "pretrain": RunConfig(

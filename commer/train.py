@@ -95,14 +95,28 @@ def make_accelerator(cpu: bool) -> Accelerator:
 
 
 class _StepLoss(torch.nn.Module):
-    """``model.nll`` as ``forward``: DDP synchronises gradients of what runs through a wrapped module's forward."""
+    """The step's forward pass as ``forward``: DDP synchronises gradients of what runs through a wrapped module's
+    forward. Returns each example's answer NLL and token count, ``(B,)`` each, and with ``contrast`` also the NLL of
+    its answer read with another user's soft prompt (the previous example's in the batch), else ``None``."""
 
     def __init__(self, model: SoftPromptLM) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.nll(batch)
+    def forward(self, batch: Batch, contrast: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        prefix = self.model.prefix(batch)  # (B, P, D), (B, P): the documents are compressed once
+        nll, n_tokens = self.model.nll(batch, prefix)
+        if not contrast:
+            return nll, n_tokens, None
+        other = tuple(t.roll(1, dims=0) for t in prefix)  # example b reads example b-1's soft prompt
+        return nll, n_tokens, self.model.nll(batch, other)[0]
+
+
+def contrast_hinge(nll: torch.Tensor, nll_other: torch.Tensor, n_tokens: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per example, ``(B,)``: how far the answer is from being ``margin`` nats per token more likely with its own
+    user's soft prompt than with another user's (0 once it is)."""
+    gain = (nll_other - nll) / n_tokens.clamp(min=1)
+    return torch.relu(margin - gain)
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -212,15 +226,20 @@ class Trainer:
         ]
         answer_tokens = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches) * weight
         total_answer_tokens = int(acc.reduce(torch.tensor(answer_tokens, device=acc.device), "sum"))
+        # Another user's soft prompt needs another example in the micro batch.
+        contrast = cfg.contrast_weight > 0 and cfg.micro_batch_size > 1
         step_loss, tokens = 0.0, 0
         for j, batch in enumerate(batches):
             # Gradients are all-reduced once per step, in the last micro batch's backward.
             with contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(self.loss_module):
                 with autocast(device, cfg.bf16):
-                    nll, _ = self.loss_module(batch)
+                    nll, n_tokens, nll_other = self.loss_module(batch, contrast)
                 # Normalise by the whole step's answer tokens on all processes: accumulation and data parallelism then
                 # equal one big batch (DDP averages gradients over the processes, hence the factor).
                 loss = nll.sum() * (weight * acc.num_processes) / max(total_answer_tokens, 1)
+                if nll_other is not None:  # the hinge is a mean over the step's examples
+                    hinge = contrast_hinge(nll, nll_other, n_tokens, cfg.contrast_margin).sum()
+                    loss = loss + cfg.contrast_weight * hinge * (weight * acc.num_processes) / len(indices)
                 acc.backward(loss)
             step_loss += float(loss.detach())
             tokens += int(batch.input_mask.sum() + batch.doc_mask.sum()) * weight

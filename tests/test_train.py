@@ -13,7 +13,7 @@ from commer.checkpoint import load_checkpoint
 from commer.config import ComMerConfig, RunConfig, TrainConfig, load_config
 from commer.model import build_model
 from commer.text import Example
-from commer.train import Trainer, param_groups
+from commer.train import Trainer, contrast_hinge, param_groups
 
 
 def _examples(n: int, seed: int = 0) -> list[Example]:
@@ -109,3 +109,39 @@ def test_each_trainable_tensor_gets_its_learning_rate():
     assert [p is model.bridge.task_prompt for p in groups["soft_prompt"]["params"]] == [True]
     assert [p is model.bridge.proj.weight for p in groups["bridge"]["params"]] == [True]
     assert sum(len(g["params"]) for g in groups.values()) == len(model.trainable_state())
+
+
+def test_contrast_hinge_is_zero_once_the_margin_is_met():
+    nll, n_tokens = torch.tensor([10.0, 10.0]), torch.tensor([10, 10])
+    other = torch.tensor([12.0, 10.5])  # 0.2 and 0.05 nats per token worse with another user's soft prompt
+    torch.testing.assert_close(contrast_hinge(nll, other, n_tokens, 0.1), torch.tensor([0.0, 0.05]))
+
+
+def _one_step(tmp_path, **train) -> tuple[Trainer, float]:
+    torch.manual_seed(0)
+    config = RunConfig(
+        output_dir=str(tmp_path),
+        model=ComMerConfig(num_embeddings=2, lora_r=4, lora_dropout=0.0),
+        train=TrainConfig(batch_size=4, micro_batch_size=4, max_steps=1, warmup_ratio=0.0, bf16=False, **train),
+    )
+    backbone = tiny_backbone()
+    trainer = Trainer(config, build_model(backbone, config.model), backbone.tokenizer, _examples(4), [])
+    return trainer, trainer._train_step(trainer._step_indices())[0]
+
+
+def test_the_contrast_term_is_the_weighted_mean_hinge_and_trains_the_bridge(tmp_path):
+    plain, plain_loss = _one_step(tmp_path / "plain")
+    weight, margin = 0.5, 3.0
+    # the hinge the contrast run must add, on the step-0 weights (a run whose learning rates are all 0 keeps them)
+    fresh, _ = _one_step(tmp_path / "fresh", lr_lora=0.0, lr_compression=0.0, lr_soft_prompt=0.0, lr_bridge=0.0)
+    batch = fresh.collator(fresh.train_examples)
+    with torch.no_grad():
+        prefix = fresh.model.prefix(batch)
+        nll, n_tokens = fresh.model.nll(batch, prefix)
+        other = fresh.model.nll(batch, tuple(t.roll(1, dims=0) for t in prefix))[0]
+    expected_hinge = contrast_hinge(nll, other, n_tokens, margin).mean().item()
+    assert expected_hinge > 0  # a margin of 3 nats per token is not met at initialisation
+    contrast, contrast_loss = _one_step(tmp_path / "contrast", contrast_weight=weight, contrast_margin=margin)
+    assert contrast_loss == pytest.approx(plain_loss + weight * expected_hinge, rel=1e-4)
+    # at step 0 the zero-init map is the only way the documents reach the soft prompt: the hinge trains it
+    assert not torch.equal(contrast.model.bridge.proj.weight, plain.model.bridge.proj.weight)
