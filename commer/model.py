@@ -11,7 +11,7 @@ The models know nothing about tokenization: they read ``Batch`` tensors (see ``c
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +148,7 @@ class SoftPromptLM(nn.Module):
         max_new_tokens: int = 64,
         temperature: float | torch.Tensor = 0.0,
         top_p: float | torch.Tensor = 1.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Greedy or nucleus-sampled decoding with a KV cache, many users at once, one ``(B,)`` step at a time.
 
@@ -156,6 +156,8 @@ class SoftPromptLM(nn.Module):
             prefix: ``(B, P, D)`` soft prompts, ``prefix_mask`` ``(B, P)``: each user's own (masked where absent).
             input_ids, input_mask: ``(B, L)`` prompts, padded on either side.
             temperature, top_p: a float for all rows or a ``(B,)`` tensor per row; temperature 0 is greedy.
+            generator: the random source of sampling, one for the batch or one per row (``None``: the global one);
+                with one per row, a row's tokens depend on its own generator only, not on the rows beside it.
         Yields:
             ``(B,)`` token ids per step until every row has produced EOS or ``max_new_tokens`` steps; after a row's
             EOS it yields ``pad_token_id`` for that row.
@@ -206,7 +208,10 @@ class SoftPromptLM(nn.Module):
 
 
 def _pick(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None,
 ) -> torch.Tensor:
     """Next token from ``(B, V)`` logits: argmax where ``temperature`` is 0, else a sample from the top-p nucleus."""
     greedy = logits.argmax(-1)
@@ -217,7 +222,11 @@ def _pick(
     # keep the smallest set of tokens whose mass reaches top_p (always at least the most likely one)
     outside = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]
     probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs.masked_fill(outside, 0))
-    sampled = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if generator is None or isinstance(generator, torch.Generator):
+        sampled = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    else:  # each row draws from its own generator
+        rows = zip(probs, generator, strict=True)
+        sampled = torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in rows])
     return torch.where(temperature == 0, greedy, sampled)
 
 

@@ -30,7 +30,7 @@ from commer.config import DEFAULT_BACKBONE, DEFAULT_K, ComMerConfig
 from commer.errors import ConfigError
 from commer.merge import ProfileState, stack_profiles
 from commer.model import ComMer
-from commer.text import Collator
+from commer.text import Collator, Prompt
 
 if TYPE_CHECKING:  # the store sits above serving: named in annotations here, never imported
     from commer.store import ProfileStore
@@ -69,6 +69,12 @@ class Personalizer:
         ``CheckpointError``."""
         backbone = backbone or load_backbone(DEFAULT_BACKBONE)
         return cls.from_checkpoint(PRETRAINED, backbone)
+
+    def soft_prompt_length(self, profile: ProfileState | None) -> int:
+        """How many soft-prompt positions the generator reads for ``profile`` (K, or 0 for a user without documents
+        when the bridge is the paper's ``none``): what a request's prompt tokens count."""
+        has_documents = profile is not None and profile.count > 0
+        return self.shape[0] if has_documents or self.model.config.bridge != "none" else 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -119,11 +125,11 @@ class Personalizer:
     def generate(
         self,
         profiles: Sequence[ProfileState | None],
-        instructions: Sequence[str],
+        instructions: Sequence[Prompt],
         max_new_tokens: int = 64,
         temperature: float | Sequence[float] = 0.0,
         top_p: float | Sequence[float] = 1.0,
-        seed: int | None = None,
+        seed: int | Sequence[int | None] | None = None,
     ) -> list[str]:
         """One answer per (profile, instruction) pair, decoded together in one batch."""
         if not instructions:
@@ -138,14 +144,16 @@ class Personalizer:
     def stream(
         self,
         profiles: Sequence[ProfileState | None],
-        instructions: Sequence[str],
+        instructions: Sequence[Prompt],
         max_new_tokens: int = 64,
         temperature: float | Sequence[float] = 0.0,
         top_p: float | Sequence[float] = 1.0,
-        seed: int | None = None,
+        seed: int | Sequence[int | None] | None = None,
     ) -> Iterator[list[int | None]]:
         """Decode a batch step by step: each step yields one token id per row, ``None`` once that row has ended
-        (EOS is yielded, then ``None``). Sampling parameters may differ per row."""
+        (EOS is yielded, then ``None``). An instruction may be chat messages (``commer.text.Prompt``). Sampling
+        parameters may differ per row; ``seed`` is one for the batch or one per row (a row's sample then depends on
+        its seed only)."""
         if len(profiles) != len(instructions):
             raise ValueError(f"{len(profiles)} profiles but {len(instructions)} instructions")
         if not instructions:
@@ -163,13 +171,24 @@ class Personalizer:
             max_new_tokens=max_new_tokens,
             temperature=torch.as_tensor(temperature, dtype=torch.float32),
             top_p=torch.as_tensor(top_p, dtype=torch.float32),
-            generator=None if seed is None else torch.Generator(device).manual_seed(seed),
+            generator=_generators(seed, len(instructions), device),
         )
         ended = [False] * len(instructions)
         for step in steps:
             tokens = step.tolist()
             yield [None if e else t for e, t in zip(ended, tokens, strict=True)]
             ended = [e or t == self.tokenizer.eos_token_id for e, t in zip(ended, tokens, strict=True)]
+
+
+def _generators(
+    seed: int | Sequence[int | None] | None, rows: int, device: torch.device
+) -> torch.Generator | list[torch.Generator | None] | None:
+    """The sampling generator(s) of ``Personalizer.stream``: one seeded for the batch, or one per row."""
+    if seed is None or isinstance(seed, int):
+        return None if seed is None else torch.Generator(device).manual_seed(seed)
+    if len(seed) != rows:
+        raise ValueError(f"{len(seed)} seeds for {rows} rows")
+    return [None if s is None else torch.Generator(device).manual_seed(s) for s in seed]
 
 
 def load_personalizer(

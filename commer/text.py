@@ -7,7 +7,7 @@ the one rule for what fits the backbone's context, whoever asks (collation, comp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +18,8 @@ from commer.config import ComMerConfig
 from commer.errors import CommerError
 
 IGNORE_INDEX = -100  # the label of positions without loss (prompt, padding, soft prompt): PyTorch's default
+# What the generator is asked: an instruction (one user turn), or chat messages [{"role": ..., "content": ...}, ...].
+Prompt = str | Sequence[Mapping[str, str]]
 
 
 @dataclass
@@ -101,13 +103,17 @@ class Collator:
             encoded.append(ids)
         return encoded
 
-    def encode_prompt(self, instruction: str) -> list[int]:
-        """Token ids the generator reads after the soft prompt, ending where the answer starts."""
+    def encode_prompt(self, instruction: Prompt) -> list[int]:
+        """Token ids the generator reads after the soft prompt, ending where the answer starts. An instruction is one
+        user turn; chat messages go through the chat template as they are (without one: ``Question: ...`` and
+        ``Answer: ...`` lines, so that one user message reads as the instruction would)."""
+        messages = [{"role": "user", "content": instruction}] if isinstance(instruction, str) else list(instruction)
         if self.use_chat:
-            messages = [{"role": "user", "content": instruction}]
             out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-        return self.tokenizer(f"Question: {instruction}\nAnswer:", add_special_tokens=False)["input_ids"]
+        turns = {"user": "Question: ", "assistant": "Answer: ", "system": ""}
+        text = "\n".join(turns[m["role"]] + m["content"] for m in messages) + "\nAnswer:"
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode_answer(self, answer: str) -> list[int]:
         text = answer if self.use_chat else " " + answer

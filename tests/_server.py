@@ -130,11 +130,11 @@ class AppServer:
     """``create_app`` served by uvicorn on a thread of this process (real HTTP, real SQLite), so that a test can hold
     its model worker (``held``) and decide what is queued together instead of racing the worker thread."""
 
-    def __init__(self, folder: Path, limits: ServiceLimits | None = None) -> None:
+    def __init__(self, folder: Path, limits: ServiceLimits | None = None, **options: str) -> None:
         self.backbone_dir, self.checkpoint_dir = save_tiny_model(folder)
         self.personalizer = load_personalizer(self.checkpoint_dir, str(self.backbone_dir))
         self.store = open_store(folder / "profiles.db", self.personalizer)
-        self.app = create_app(self.personalizer, self.store, KEYS, limits)
+        self.app = create_app(self.personalizer, self.store, KEYS, limits, **options)
         self.worker: ModelWorker = self.app.state.worker
         self.url = f"http://127.0.0.1:{free_port()}"
         port = int(self.url.rsplit(":", 1)[1])

@@ -10,7 +10,6 @@ request it cannot take is a 429 with ``Retry-After``.
 # built per app (their bounds come from ``ServiceLimits``), so they only exist in ``create_app``'s scope.
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -27,7 +26,9 @@ from starlette.concurrency import run_in_threadpool
 from commer.checkpoint import model_fingerprint
 from commer.service.limits import ServiceLimits
 from commer.service.middleware import Guard, Metrics
+from commer.service.openai_api import OpenAIRoutes
 from commer.service.schemas import DocId, UserId, request_models
+from commer.service.streaming import Detokenizer, sse, start_generation
 from commer.service.worker import (
     GenerationJob,
     ModelWorker,
@@ -53,40 +54,19 @@ log = logging.getLogger("commer.service")
 RETRY_AFTER_S = 1
 
 
-class _Detokenizer:
-    """Token ids -> text deltas. Decoding the whole answer each time (answers are short) is what keeps multi-token
-    characters and word-joining spaces right; an incomplete UTF-8 sequence is held back until it completes."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
-        if text.endswith("\ufffd") or not text.startswith(self.text):
-            return ""
-        delta, self.text = text[len(self.text) :], text
-        return delta
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
-        delta = text[len(self.text) :] if text.startswith(self.text) else ""
-        self.text += delta
-        return delta
-
-
 def create_app(
     personalizer: Personalizer,
     store: ProfileStore,
     api_keys: Mapping[str, str],
     limits: ServiceLimits | None = None,
     generator: "VLLMGenerator | None" = None,
+    openai_unknown_user: str = "plain",
 ) -> FastAPI:
     """The service's ASGI app. ``api_keys`` maps each API key to its tenant; ``store`` must serve this
     personalizer's model (same fingerprint). The model worker thread starts and stops with the app's lifespan.
-    ``generator``: decode on a vLLM server instead of the local model (which still compresses documents)."""
+    ``generator``: decode on a vLLM server instead of the local model (which still compresses documents).
+    ``openai_unknown_user``: what the OpenAI-compatible endpoints do for a ``user`` without a profile: ``"plain"``
+    answers unpersonalized, ``"404"`` refuses (``commer.service.openai_api``)."""
     limits = limits or ServiceLimits()
     if not api_keys:
         raise ValueError("no API keys configured: every request would be refused")
@@ -172,6 +152,9 @@ def create_app(
     models = request_models(limits)
     AddDocuments, GenerateIn = models.add_documents, models.generate  # noqa: N806 - FastAPI reads them as types
 
+    routes = OpenAIRoutes(personalizer, store, worker, metrics, limits, tenant, openai_unknown_user, generator is None)
+    app.include_router(routes.router())
+
     # -- routes -----------------------------------------------------------------------------------------------------
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -254,48 +237,31 @@ def create_app(
             tenant=tenant,
         )
         started = time.perf_counter()
-        worker.generate(job)
-        try:
-            first = await job.queue.get()
-            if isinstance(first, Exception):
-                raise first
-        except BaseException:
-            job.cancelled.set()
-            raise
-        detok = _Detokenizer(personalizer.tokenizer)
+        tokens = await start_generation(worker, job, metrics.tokens.inc)
+        detok = Detokenizer(personalizer.tokenizer)
         eos = personalizer.tokenizer.eos_token_id
-
-        async def tokens() -> AsyncIterator[int]:
-            try:
-                while (item := await job.queue.get()) is not None:
-                    if isinstance(item, Exception):
-                        raise item
-                    metrics.tokens.inc()
-                    yield item
-            finally:
-                job.cancelled.set()  # a client that went away frees its row
 
         def final() -> dict[str, Any]:
             finish = "stop" if detok.ids and detok.ids[-1] == eos else "length"
             return {"user": user, "text": detok.text, "tokens": len(detok.ids), "finish_reason": finish}
 
         if not body.stream:
-            async for token in tokens():
+            async for token in tokens:
                 detok.push(token)
             detok.flush()
             return final()
 
         async def events() -> AsyncIterator[str]:
             try:
-                async for token in tokens():
+                async for token in tokens:
                     if delta := detok.push(token):
-                        yield _sse("delta", {"text": delta})
+                        yield sse("delta", {"text": delta})
                 if delta := detok.flush():
-                    yield _sse("delta", {"text": delta})
-                yield _sse("done", {**final(), "seconds": round(time.perf_counter() - started, 4)})
+                    yield sse("delta", {"text": delta})
+                yield sse("done", {**final(), "seconds": round(time.perf_counter() - started, 4)})
             except Exception as err:  # noqa: BLE001 - headers are sent: the error can only be an event now
                 log.exception("generation failed for user %r", user)
-                yield _sse("error", {"detail": str(err)})
+                yield sse("error", {"detail": str(err)})
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -331,20 +297,16 @@ def create_app(
                 item = first
                 while True:
                     if isinstance(item, Completion):
-                        yield _sse("done", {**final(item), "seconds": round(time.perf_counter() - started, 4)})
+                        yield sse("done", {**final(item), "seconds": round(time.perf_counter() - started, 4)})
                         return
-                    yield _sse("delta", {"text": item})
+                    yield sse("delta", {"text": item})
                     item = await anext(stream)
             except Exception as err:  # noqa: BLE001 - headers are sent: the error can only be an event now
                 log.exception("vLLM generation failed for user %r", user)
-                yield _sse("error", {"detail": str(err)})
+                yield sse("error", {"detail": str(err)})
             finally:
                 await stream.aclose()  # a client gone mid-answer closes the vLLM request, which aborts it there
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
-
-
-def _sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"

@@ -106,6 +106,9 @@ def serve(
     max_queued: int = _limit("max_queued"),
     max_queued_per_tenant: int = _limit("max_queued_per_tenant"),
     max_active_batches: int = _limit("max_active_batches"),
+    openai_unknown_user: str = typer.Option(
+        "plain", help="/v1/chat/completions for a `user` without a profile: 'plain' (unpersonalized) or '404'."
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     generator: str = typer.Option("local", help="Who decodes: 'local' (this process) or 'vllm' (a vLLM server)."),
     vllm_url: str | None = typer.Option(None, help="The vLLM server (started with --enable-prompt-embeds)."),
@@ -140,7 +143,7 @@ def serve(
         from commer.scale.vllm import VLLMGenerator
 
         remote = VLLMGenerator(vllm_url, vllm_model)
-    app = create_app(personalizer, store, keys, limits, generator=remote)
+    app = _or_exit(create_app, personalizer, store, keys, limits, remote, openai_unknown_user)
     typer.echo(f"serving model {store.fingerprint} from {db} for {len(set(keys.values()))} tenant(s)", err=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)

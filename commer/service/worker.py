@@ -32,6 +32,7 @@ import torch
 
 from commer.merge import ProfileState
 from commer.serving import Personalizer
+from commer.text import Prompt
 
 log = logging.getLogger("commer.service")
 
@@ -66,7 +67,7 @@ class GenerationJob:
     has produced the first token, then token ids, then ``None`` at the end, or an exception instead."""
 
     profile: ProfileState | None
-    instruction: str
+    instruction: Prompt  # an instruction, or chat messages
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -74,6 +75,7 @@ class GenerationJob:
     tenant: str = ""
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    seed: int | None = None  # this row's sampling seed (None: the global random source)
     prompt_length: int = 0
 
     def send(self, item: Any) -> None:
@@ -384,6 +386,7 @@ class ModelWorker:
             max_new_tokens=max(j.max_new_tokens for j in jobs),
             temperature=[j.temperature for j in jobs],
             top_p=[j.top_p for j in jobs],
+            seed=None if all(j.seed is None for j in jobs) else [j.seed for j in jobs],
         )
         self._active.append(_Batch(jobs, steps, [j.max_new_tokens for j in jobs], [True] * len(jobs)))
 
