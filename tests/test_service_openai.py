@@ -111,6 +111,8 @@ def test_another_tenants_user_is_never_read(server, client):
         ({"n": 2}, "n", "invalid_value"),
         ({"temperature": 5}, "temperature", "invalid_value"),
         ({"max_tokens": 10_000}, "max_tokens", None),
+        ({"messages": [{"role": "user", "content": "x" * 4001}]}, "messages", "string_above_max_length"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", "invalid_value"),
     ],
 )
 def test_bad_parameters_are_openai_400s(client, extra, param, code):

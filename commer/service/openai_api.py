@@ -244,6 +244,13 @@ class OpenAIRoutes:
         if not self.local:
             raise OpenAIError(501, "this server decodes on vLLM, which the OpenAI-compatible endpoints do not use yet: "
                               "use /v1/users/{user}/generate", code="not_implemented")  # fmt: skip
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+        if chars > self.limits.max_instruction_chars:
+            what = "prompt" if isinstance(prompt, str) else "messages"
+            raise OpenAIError(
+                400, f"the {what} hold {chars} characters; this server takes at most "
+                f"{self.limits.max_instruction_chars}", what, "string_above_max_length"
+            )  # fmt: skip
         limit = self.limits.max_new_tokens
         if max_tokens is not None and max_tokens > limit:
             raise OpenAIError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}", "max_tokens")
