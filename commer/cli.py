@@ -63,7 +63,9 @@ def demo(
 @app.command()
 def quickstart(
     output_dir: Path = typer.Option(Path("runs/quickstart"), help="Where checkpoints, logs and results go."),
-    task: str = typer.Option("lamp7", help="Fine-tune on 'lamp7' or on 'recall', the synthetic recall probe."),
+    task: str = typer.Option(
+        "lamp7", help="Fine-tune on 'lamp7' (`commer data download lamp7`) or 'recall' (synthetic: needs no data)."
+    ),
     data_dir: str | None = typer.Option(None, help="The shared data folder (default ../shared/data)."),
     backbone: str = BACKBONE,
     init: str = typer.Option(

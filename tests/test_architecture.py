@@ -14,7 +14,7 @@ PACKAGE = ROOT / "commer"
 
 # Lowest first. A module may import modules of its own layer or of lower ones, never of a higher one.
 LAYERS = [
-    ["commer.version", "commer.errors"],
+    ["commer.version", "commer.errors", "commer.fetch"],
     ["commer.config", "commer.merge", "commer.backbone", "commer.batch"],
     ["commer.text", "commer.model"],
     ["commer.data"],

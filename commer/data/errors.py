@@ -10,36 +10,53 @@ from pathlib import Path
 from typing import Any
 
 from commer.errors import CommerError
+from commer.fetch import commer_home
 
 DATA_ENV = "COMMER_DATA"
-DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
+DEFAULT_DATA_DIR = Path("..") / "shared" / "data"  # this project's development layout
+# Each data set's folder in a data directory, and the task name ``commer data download`` takes for it.
+DATA_FOLDERS = {"lamp7": "lamp7", "news_headlines": "news", "fineweb": "fineweb", "perltqa": "perltqa"}
 
 
 class DataError(CommerError, ValueError):
     """A data file is missing or malformed; the message names the file and, where known, the record."""
 
 
+def data_home() -> Path:
+    """Where ``commer data download`` writes when ``$COMMER_DATA`` is not set: ``data/`` in commer's home."""
+    return commer_home() / "data"
+
+
+def download_target() -> Path:
+    """The data directory ``commer data download`` fills: ``$COMMER_DATA``, else the data home."""
+    return Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else data_home()
+
+
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
-    """The data directory: ``data_dir`` if given, else ``../shared/data`` if it exists, else ``$COMMER_DATA``."""
-    if data_dir is not None:
-        path = Path(data_dir)
-        if not path.is_dir():
-            raise DataError(f"data directory {path} does not exist")
-        return path
-    if DEFAULT_DATA_DIR.is_dir():
-        return DEFAULT_DATA_DIR
-    if env := os.environ.get(DATA_ENV):
-        return resolve_data_dir(env)
+    """The data directory, by the one rule every command follows: ``data_dir`` (``--data-dir``) > ``$COMMER_DATA`` >
+    the data home (where ``commer data download`` writes), when it exists > ``../shared/data``, when it exists (this
+    project's development layout)."""
+    for given, where in ((data_dir, "the data directory"), (os.environ.get(DATA_ENV) or None, f"${DATA_ENV}")):
+        if given is not None:
+            if not Path(given).is_dir():
+                raise DataError(f"{where} {given} does not exist: `commer data download TASK` creates it")
+            return Path(given)
+    for candidate in (data_home(), DEFAULT_DATA_DIR):
+        if candidate.is_dir():
+            return candidate
     raise DataError(
-        f"no data directory: pass one explicitly, or create {DEFAULT_DATA_DIR} (relative to {Path.cwd()}), "
-        f"or set ${DATA_ENV}"
+        f"no data directory: run `commer data download TASK` (it writes to {data_home()}), pass --data-dir, or set "
+        f"${DATA_ENV}"
     )
 
 
 def require_file(path: Path, what: str) -> Path:
-    """``path`` if it is a file, else a DataError saying which ``what`` was expected there."""
+    """``path`` if it is a file, else a DataError saying which ``what`` was expected there and, for a data set that
+    ``commer data download`` fetches, the command that fixes it."""
     if not path.is_file():
-        raise DataError(f"missing {what}: expected the file {path}")
+        task = DATA_FOLDERS.get(path.parent.name)
+        fix = f": `commer data download {task}` fetches it" if task else ""
+        raise DataError(f"missing {what}: expected the file {path}{fix}")
     return path
 
 
