@@ -2,6 +2,8 @@
 
 ``mean`` is the method: a ``(K, D)`` prompt whatever the number of documents, order-agnostic, and updatable in O(1)
 through ``ProfileState`` (a running sum and count). ``concat`` is the paper's variant (Figure 7): ``K * n`` vectors.
+Retrieval-merge (``top_k_profile``) means only the ``k`` documents most relevant to a request: query-aware, at
+O(documents) per request instead of O(1).
 """
 
 from __future__ import annotations
@@ -129,3 +131,26 @@ def stack_profiles(
             prefix[i] = mean.to(device)
             mask[i] = True
     return prefix, mask
+
+
+def dense_scores(query: torch.Tensor, compressions: torch.Tensor) -> torch.Tensor:
+    """Relevance of each document to a request: the cosine similarity of its ``(K, D)`` compression with the
+    request's own compression (by the same compressor), both flattened to ``K * D`` vectors and centred on the mean of
+    the user's compressions (what all of a user's documents share says nothing about which one a request needs).
+    Returns ``(n,)``."""
+    flat = compressions.detach().to("cpu", torch.float64).flatten(1)  # (n, K*D)
+    centre = flat.mean(0)
+    q = query.detach().to("cpu", torch.float64).flatten() - centre
+    return torch.nn.functional.cosine_similarity(flat - centre, q[None], dim=1)
+
+
+def top_k_profile(compressions: torch.Tensor, scores: torch.Tensor, k: int) -> ProfileState:
+    """Retrieval-merge: the profile of the ``k`` best-scored of ``(n, K, D)`` compressions (ties: the earlier
+    document). With ``k >= n`` every document is kept in its order, so the result equals the running mean exactly."""
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    n = compressions.shape[0]
+    if scores.shape != (n,):
+        raise ValueError(f"{tuple(scores.shape)} scores for {n} compressions")
+    keep = torch.arange(n) if k >= n else torch.argsort(scores, descending=True, stable=True)[:k].sort().values
+    return ProfileState.from_compressions(compressions[keep])

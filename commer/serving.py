@@ -27,8 +27,9 @@ from transformers import PreTrainedTokenizerBase
 from commer.backbone import Backbone, load_backbone
 from commer.checkpoint import PRETRAINED, load_checkpoint
 from commer.config import DEFAULT_BACKBONE, DEFAULT_K, ComMerConfig
+from commer.data.lamp import bm25_top
 from commer.errors import ConfigError
-from commer.merge import ProfileState, stack_profiles
+from commer.merge import ProfileState, dense_scores, stack_profiles, top_k_profile
 from commer.model import ComMer
 from commer.text import Collator, Prompt
 
@@ -96,6 +97,22 @@ class Personalizer:
         merged, mask = stack_profiles(list(profiles), *self.shape, dtype=dtype, device=self.model.device)
         prefix, mask = self.model.soft_prompt(merged, mask)
         return prefix.to(dtype), mask
+
+    def retrieval_profile(
+        self, request: str, compressions: torch.Tensor, top_k: int, texts: Sequence[str] | None = None
+    ) -> ProfileState:
+        """Retrieval-merge: the profile of the ``top_k`` of a user's ``(n, K, D)`` document compressions most relevant
+        to ``request``, by BM25 over ``texts`` when given, else by the cosine similarity of each compression with the
+        request's own (compressed by this model: no text needs storing). ``top_k >= n`` is the plain mean."""
+        n = compressions.shape[0]
+        if texts is None:
+            scores = dense_scores(self.compress([request])[0], compressions)
+        else:
+            if len(texts) != n:
+                raise ValueError(f"{len(texts)} texts for {n} compressions")
+            scores = torch.zeros(n)
+            scores[bm25_top(request, texts, n)] = torch.arange(n, 0, -1, dtype=torch.float32)  # rank as score
+        return top_k_profile(compressions, scores, top_k)
 
     @torch.no_grad()
     def compress(

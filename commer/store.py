@@ -430,6 +430,22 @@ class ProfileStore:
             total += self._vector(blob, tenant, user).double()
         return (total / len(rows)).float()
 
+    def document_compressions(
+        self, tenant: str, user: str, with_texts: bool = False
+    ) -> tuple[torch.Tensor, list[str] | None]:
+        """Every stored document's ``(K, D)`` compression, ``(n, K, D)`` in the order they were added (what
+        retrieval-merge ranks), and their texts when asked."""
+        with self._lock:
+            self._fresh_state(tenant, user)
+            rows = self._conn.execute(
+                f"SELECT compression{', text' if with_texts else ''} FROM documents WHERE tenant = ? AND user = ? "
+                "ORDER BY rowid",
+                (tenant, user),
+            ).fetchall()
+        vectors = [self._vector(row[0], tenant, user) for row in rows]
+        compressions = torch.stack(vectors) if vectors else torch.empty(0, *self.shape)
+        return compressions, [row[1] for row in rows] if with_texts else None
+
     def stale_users(self) -> list[tuple[str, str]]:
         """Profiles holding vectors of another model: what ``rebuild`` would re-compress."""
         with self._lock:

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from commer.backbone import CONVERTED, CONVERTED_FORMAT, _converted, load_backbone, resolve_backbone_path
 from commer.config import ComMerConfig
 from commer.evaluate import OTHER, OWN, compare_documents
+from commer.merge import dense_scores
 from commer.serving import Personalizer
 from commer.text import Collator, Example
 
@@ -73,3 +74,24 @@ def test_the_shipped_compressor_loads_and_carries_a_document():
     model = pretrained.model
     comparison = compare_documents(model, Collator(pretrained.tokenizer, model.config, model.max_length), examples)
     assert comparison.perplexity[OWN] < 0.8 * comparison.perplexity[OTHER]
+
+
+def test_dense_retrieval_puts_the_document_with_the_fact_first():
+    """Retrieval-merge's dense ranking with the shipped compressor, on a hand-made profile: each request's top
+    document is the one holding the fact it asks about."""
+    pretrained = Personalizer.pretrained(load_backbone("smollm2-135m"))
+    facts = {
+        "What is my dog called?": "My dog is called Biscuit and he loves the park.",
+        "Where do I work?": "I work as a nurse in Leeds.",
+        "How was the weather today?": "The weather was rainy all day today.",
+        "Which instrument am I learning?": "I am learning to play the violin.",
+        "Where does my sister live?": "My sister lives in Toronto with her two kids.",
+        "What did I eat for dinner?": "I had pasta with pesto for dinner.",
+    }
+    documents = list(facts.values())
+    compressions = pretrained.compress(documents)
+    for request, fact in facts.items():
+        scores = dense_scores(pretrained.compress([request])[0], compressions)
+        assert documents[int(scores.argmax())] == fact, (request, scores.tolist())
+        top = pretrained.retrieval_profile(request, compressions, 1)
+        torch.testing.assert_close(top.mean(), compressions[documents.index(fact)], atol=1e-6, rtol=0)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from commer.merge import ProfileState, merge_batch, stack_profiles
+from commer.merge import ProfileState, dense_scores, merge_batch, stack_profiles, top_k_profile
 
 K, D = 3, 5
 
@@ -78,3 +78,27 @@ def test_stack_profiles_masks_empty_users():
     prefix, mask = stack_profiles([full, ProfileState(K, D), None], K, D, torch.float32, "cpu")
     assert prefix.shape == (3, K, D) and mask.all(1).tolist() == [True, False, False]
     torch.testing.assert_close(prefix[0], torch.ones(K, D))
+
+
+def test_top_k_of_all_documents_is_the_running_mean_exactly():
+    compressions = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(0))
+    running = ProfileState(3, 4)
+    for c in compressions:
+        running.add(c)
+    for k in (5, 6, 100):
+        merged = top_k_profile(compressions, torch.randn(5), k)
+        assert merged.count == 5 and torch.equal(merged.sum, running.sum)
+
+
+def test_top_k_keeps_the_best_scored_documents():
+    compressions = torch.arange(4, dtype=torch.float32)[:, None, None].expand(4, 2, 3).clone()  # document i is all i
+    merged = top_k_profile(compressions, torch.tensor([0.1, 0.9, 0.5, 0.9]), 2)  # ties: the earlier document
+    assert merged.count == 2 and torch.equal(merged.mean(), torch.full((2, 3), 2.0))  # documents 1 and 3
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        top_k_profile(compressions, torch.zeros(4), 0)
+
+
+def test_dense_scores_rank_the_request_s_own_compression_first():
+    compressions = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(1))
+    scores = dense_scores(compressions[4], compressions)
+    assert int(scores.argmax()) == 4 and scores.shape == (6,)

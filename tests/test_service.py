@@ -93,6 +93,24 @@ def test_generate_matches_the_model(client, personalizer):
         assert r.json()["tokens"] <= 8 and r.json()["finish_reason"] in ("stop", "length")
 
 
+def test_retrieval_merge_over_http(client, personalizer):
+    """``merge.top_k``: with every document it is the plain mean (the same answer); with one it is that document's
+    profile, the one whose compression is closest to the instruction's."""
+    docs = DOCS["alice"]
+    assert add_documents(client, "rita", docs).status_code == 200
+
+    def answer(**extra) -> str:
+        r = client.post("/v1/users/rita/generate", json={"instruction": INSTRUCTION, "max_new_tokens": 8, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["text"]
+
+    assert answer(merge={"top_k": len(docs)}) == answer() == answer(merge={"top_k": 100})
+    compressions = personalizer.compress(docs)
+    top = personalizer.retrieval_profile(INSTRUCTION, compressions, 1)
+    [expected] = personalizer.generate([top], [INSTRUCTION], max_new_tokens=8)
+    assert answer(merge={"top_k": 1}) == expected
+
+
 def test_generate_streams_deltas_then_done(client):
     add_documents(client, "erin", DOCS["alice"])
     r = client.post("/v1/users/erin/generate", json={"instruction": INSTRUCTION, "max_new_tokens": 6, "stream": True})
@@ -155,6 +173,9 @@ def test_missing_or_wrong_key_is_401(server, headers):
         ("generate", {"instruction": "hi", "temperature": -1}, 422, "greater than"),
         ("generate", {"instruction": ""}, 422, "at least 1"),
         ("generate", [1, 2], 422, "dictionary"),
+        ("generate", {"instruction": "hi", "merge": {"top_k": 0}}, 422, "greater than or equal to 1"),
+        ("generate", {"instruction": "hi", "merge": {"top_k": 1025}}, 422, "less than or equal to 1024"),
+        ("generate", {"instruction": "hi", "merge": {"top_k": 2, "by": "x"}}, 422, "extra"),
     ],
 )
 def test_bad_input_is_a_clear_4xx(client, path, body, status, message):

@@ -200,3 +200,11 @@ def test_a_concat_model_is_refused_rather_than_served_as_a_mean():
     model = ComMer(backbone, ComMerConfig(num_embeddings=SHAPE[0], lora_r=4, merge="concat"))
     with pytest.raises(ConfigError, match="trained with merge 'concat'.*only merge 'mean' can be served"):
         Personalizer(model, backbone.tokenizer)
+
+
+def test_document_compressions_come_back_in_the_order_added(store):
+    vectors = _vectors(3)
+    store.add_documents("t", "u", ["a", "b", "c"], vectors)
+    compressions, texts = store.document_compressions("t", "u", with_texts=True)
+    assert torch.equal(compressions, vectors) and texts == ["a", "b", "c"]
+    assert store.document_compressions("t", "u")[1] is None

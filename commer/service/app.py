@@ -223,8 +223,16 @@ def create_app(
         body: GenerateIn, user: str = UserId, tenant: str = Depends(tenant)
     ) -> dict[str, Any] | StreamingResponse:
         """Answer an instruction from the user's profile. ``stream``: server-sent events, ``delta`` events with text
-        then one ``done`` event with the whole answer."""
+        then one ``done`` event with the whole answer. ``merge.top_k``: retrieval-merge, the mean of only the
+        ``top_k`` documents most relevant to the instruction (O(documents) per request instead of O(1))."""
         profile = await run_in_threadpool(store.get_profile, tenant, user)
+        if body.merge is not None and profile.count:
+            compressions, _ = await run_in_threadpool(store.document_compressions, tenant, user)
+            if compressions.shape[0]:  # a sum-only profile (imported) has no documents to rank: its mean serves
+                top_k = body.merge.top_k
+                profile = await asyncio.wrap_future(
+                    worker.submit(lambda: personalizer.retrieval_profile(body.instruction, compressions, top_k), tenant)
+                )
         if generator is not None:
             return await _generate_vllm(body, user, tenant, profile if profile.count else None)
         job = GenerationJob(

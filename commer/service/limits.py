@@ -22,3 +22,4 @@ class ServiceLimits:
     max_queued: int = setting(256, "Most jobs waiting for the model, all tenants together (429 past it).")
     max_queued_per_tenant: int = setting(64, "Most jobs of one tenant waiting for the model (429 past it).")
     max_active_batches: int = setting(2, "Most batches decoding at once (their steps interleaved).")
+    max_top_k: int = setting(1024, "Largest top_k a generate request may ask of retrieval-merge.")

@@ -56,6 +56,12 @@ def request_models(limits: ServiceLimits) -> RequestModels:
         model_config = ConfigDict(extra="forbid", strict=True)
         documents: list[DocumentIn] = Field(min_length=1, max_length=limits.max_documents_per_request)
 
+    class MergeIn(BaseModel):
+        """Retrieval-merge: mean only the ``top_k`` documents most relevant to the instruction (dense ranking)."""
+
+        model_config = ConfigDict(extra="forbid", strict=True)
+        top_k: int = Field(ge=1, le=limits.max_top_k)
+
     class GenerateIn(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
         instruction: str = Field(min_length=1, max_length=limits.max_instruction_chars)
@@ -63,6 +69,7 @@ def request_models(limits: ServiceLimits) -> RequestModels:
         temperature: float = Field(0.0, ge=0.0, le=10.0, allow_inf_nan=False)
         top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
         stream: bool = False
+        merge: MergeIn | None = None
 
         @field_validator("instruction")
         @classmethod
