@@ -11,7 +11,9 @@ The models know nothing about tokenization: they read ``Batch`` tensors (see ``c
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +66,13 @@ class SoftPromptLM(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(ids)
+
+    def with_merge(self, strategy: str) -> SoftPromptLM:
+        """A view of this model, sharing every weight, that merges a user's compressions by ``strategy`` (the paper's
+        test-time variants, Figure 7); the model itself is left as trained."""
+        view = copy.copy(self)
+        view.config = replace(self.config, merge=strategy)  # validated by ComMerConfig
+        return view
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor by name: exactly what a checkpoint stores."""

@@ -231,3 +231,13 @@ def test_a_stored_profile_answers_as_the_batch_does(backbone):
         _collate(backbone, model, with_answers=False), eos_token_id=2, pad_token_id=1, max_new_tokens=6
     )
     assert answers == [backbone.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens.tolist()]
+
+
+def test_with_merge_is_a_view_that_leaves_the_trained_model_as_it_was(backbone):
+    model = _model(backbone)
+    view = model.with_merge("concat")
+    assert view.config.merge == "concat" and model.config.merge == "mean"
+    assert view.compression_embeddings is model.compression_embeddings and view.bridge is model.bridge
+    batch = _collate(backbone, model)
+    prefix, mask = view.prefix(batch)
+    assert prefix.shape[1] == model.config.num_embeddings * int(torch.bincount(batch.doc_owner).max())

@@ -314,14 +314,13 @@ class Sweep:
         """Evaluate ``cells`` (all of one model) on one load of its checkpoint."""
         e = self.config.eval
         backbone = self.backbone_factory()
-        model = load_checkpoint(checkpoint, backbone)
-        trained_config = model.config
+        trained = load_checkpoint(checkpoint, backbone)
         for cell in cells:
             splits, info = self.splits(self.config.task, cell.test_docs)
             examples = splits[e.split][: e.max_examples]
             if cell.variant == "concat-compress":
                 examples = [concat_documents(ex) for ex in examples]
-            model.config = replace(trained_config, merge="concat" if cell.variant == "concat" else "mean")
+            model = trained.with_merge("concat" if cell.variant == "concat" else "mean")
             collator = Collator(backbone.tokenizer, model.config, model.max_length)
             bar.set_postfix_str(f"{cell.method} K={cell.model.k} n={cell.model.train_docs}->{cell.test_docs}")
             start = time.perf_counter()
