@@ -106,6 +106,7 @@ def serve(
     max_queued: int = _limit("max_queued"),
     max_queued_per_tenant: int = _limit("max_queued_per_tenant"),
     max_active_batches: int = _limit("max_active_batches"),
+    max_top_k: int = _limit("max_top_k"),
     openai_unknown_user: str = typer.Option(
         "plain", help="/v1/chat/completions for a `user` without a profile: 'plain' (unpersonalized) or '404'."
     ),
@@ -137,6 +138,7 @@ def serve(
         max_queued=max_queued,
         max_queued_per_tenant=max_queued_per_tenant,
         max_active_batches=max_active_batches,
+        max_top_k=max_top_k,
     )
     remote = None
     if generator == "vllm":
