@@ -142,6 +142,17 @@ class RebuildReport:
     failed: list[tuple[str, str, str, str]]  # (tenant, user, doc_id, reason)
 
 
+def _first_occurrences(doc_ids: Sequence[str], hashes: Sequence[str]) -> dict[str, int]:
+    """Each document id's first index in a request, in order; the same id with two texts is a
+    ``DocumentConflictError``."""
+    first: dict[str, int] = {}
+    for k, (doc_id, digest) in enumerate(zip(doc_ids, hashes, strict=True)):
+        if doc_id in first and hashes[first[doc_id]] != digest:
+            raise DocumentConflictError(f"document id {doc_id!r} is given twice with different texts")
+        first.setdefault(doc_id, k)
+    return first
+
+
 class ProfileStore:
     """Profiles of users of many tenants in one SQLite file (WAL, durable commits).
 
@@ -228,6 +239,18 @@ class ProfileStore:
             )
         return state
 
+    def _is_stored(self, tenant: str, user: str, doc_id: str, digest: str) -> bool:
+        """Whether the user has document ``doc_id`` with this text (call under the lock); another text is a
+        ``DocumentConflictError``."""
+        row = self._conn.execute(
+            "SELECT sha256 FROM documents WHERE tenant = ? AND user = ? AND doc_id = ?", (tenant, user, doc_id)
+        ).fetchone()
+        if row is not None and row[0] != digest:
+            raise DocumentConflictError(
+                f"user {user!r} already has a document {doc_id!r} with another text: remove it first"
+            )
+        return row is not None
+
     def _put_state(self, tenant: str, user: str, state: ProfileState, fingerprint: str | None = None) -> None:
         self._conn.execute(
             "INSERT INTO profiles (tenant, user, count, sum, fingerprint, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
@@ -276,22 +299,10 @@ class ProfileStore:
                 state = self._fresh_state(tenant, user)
             except UnknownUserError:
                 state = ProfileState(*self.shape)
-            seen: dict[str, str] = {}
             now = time.time()
-            for doc_id, digest, text, vector in zip(doc_ids, hashes, texts, vectors, strict=True):
-                if doc_id in seen:
-                    if seen[doc_id] != digest:
-                        raise DocumentConflictError(f"document id {doc_id!r} is given twice with different texts")
-                    continue
-                seen[doc_id] = digest
-                row = conn.execute(
-                    "SELECT sha256 FROM documents WHERE tenant = ? AND user = ? AND doc_id = ?", (tenant, user, doc_id)
-                ).fetchone()
-                if row is not None:
-                    if row[0] != digest:
-                        raise DocumentConflictError(
-                            f"user {user!r} already has a document {doc_id!r} with another text: remove it first"
-                        )
+            for k in _first_occurrences(doc_ids, hashes).values():
+                doc_id, digest, text, vector = doc_ids[k], hashes[k], texts[k], vectors[k]
+                if self._is_stored(tenant, user, doc_id, digest):
                     continue
                 conn.execute(
                     "INSERT INTO documents (tenant, user, doc_id, sha256, text, compression, fingerprint, added_at) "
@@ -364,28 +375,14 @@ class ProfileStore:
         """Indices of the documents ``add_documents`` would actually add (first occurrence of each new id): those
         worth compressing. Raises ``DocumentConflictError`` for an id stored with another text and
         ``StaleProfileError`` for a profile of another model, before any compute is spent."""
-        wanted: dict[str, tuple[int, str]] = {}
-        for k, (doc_id, digest) in enumerate(zip(*document_ids(texts, ids), strict=True)):
-            if doc_id in wanted and wanted[doc_id][1] != digest:
-                raise DocumentConflictError(f"document id {doc_id!r} is given twice with different texts")
-            wanted.setdefault(doc_id, (k, digest))
+        doc_ids, hashes = document_ids(texts, ids)
+        first = _first_occurrences(doc_ids, hashes)
         with self._lock:
             try:
                 self._fresh_state(tenant, user)
             except UnknownUserError:
-                return sorted(k for k, _ in wanted.values())
-            missing = []
-            for doc_id, (k, digest) in wanted.items():
-                row = self._conn.execute(
-                    "SELECT sha256 FROM documents WHERE tenant = ? AND user = ? AND doc_id = ?", (tenant, user, doc_id)
-                ).fetchone()
-                if row is None:
-                    missing.append(k)
-                elif row[0] != digest:
-                    raise DocumentConflictError(
-                        f"user {user!r} already has a document {doc_id!r} with another text: remove it first"
-                    )
-        return sorted(missing)
+                return sorted(first.values())
+            return sorted(k for k in first.values() if not self._is_stored(tenant, user, doc_ids[k], hashes[k]))
 
     def list_documents(self, tenant: str, user: str) -> list[DocumentInfo]:
         """The user's documents, oldest first."""
