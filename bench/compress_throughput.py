@@ -57,9 +57,8 @@ def main() -> None:
             model.compress(ids, mask)
 
     def plain_forward() -> None:
-        with model.generator():
-            for ids, mask in batches:
-                model.lm(input_ids=ids, attention_mask=mask.long())
+        for ids, mask in batches:
+            model.generator_lm(input_ids=ids, attention_mask=mask.long())
 
     compress(), plain_forward()  # warm-up
     times: dict[str, list[float]] = {"compress": [], "plain": []}

@@ -10,6 +10,8 @@ import typer
 
 from commer.config import DEFAULT_K, ComMerConfig, TrainConfig, help_of
 from commer.errors import CommerError
+from commer.experiments.memories import MEMORIES
+from commer.quickstart import CONTRAST_WEIGHT
 from commer.service.cli import BACKBONE, CHECKPOINT, K, register
 
 app = typer.Typer(help="ComMer: personalize a frozen LLM with each user's documents.", no_args_is_help=True)
@@ -79,7 +81,7 @@ def quickstart(
     finetune_steps: int = typer.Option(80),
     batch_size: int = typer.Option(8),
     lr_lora: float = typer.Option(1e-3, help="LoRA learning rate."),
-    contrast_weight: float = typer.Option(0.0, help=help_of(TrainConfig, "contrast_weight")),
+    contrast_weight: float = typer.Option(CONTRAST_WEIGHT, help=help_of(TrainConfig, "contrast_weight")),
     test_users: int = typer.Option(64),
 ) -> None:
     """Fine-tune the shipped compressor on LaMP-7 (or the recall probe) and show on held-out users whether
@@ -248,6 +250,31 @@ def report_command(results_dir: Path = typer.Argument(..., help="A folder holdin
     if not (results_dir / "results.jsonl").is_file():
         raise CommerError(f"no results table at {results_dir / 'results.jsonl'}: run `commer sweep` first")
     typer.echo(f"wrote {write_report(results_dir)}")
+
+
+@app.command()
+def memories(
+    commer_checkpoint: str = typer.Argument(..., help="A ComMer checkpoint trained on the task."),
+    prompt_tuning: str | None = typer.Option(None, help="A prompt-tuning checkpoint trained on the task."),
+    output_dir: Path = typer.Option(Path("runs/memories"), help="Where memories.json, .md and .png go."),
+    task: str = typer.Option("perltqa", help="A task whose users have many documents (perltqa)."),
+    n: list[int] = typer.Option(list(MEMORIES), help="Numbers of memories per question."),
+    top_k: list[int] = typer.Option([2], help="Retrieval-merge's k (one row per value and relevance signal)."),
+    split: str = typer.Option("test", help="'validation' to choose settings (top-k), 'test' to report them once."),
+    data_dir: str | None = typer.Option(None, help="The shared data folder."),
+    max_examples: int | None = typer.Option(None, help="Questions per number of memories (default all)."),
+    generate_examples: int = typer.Option(40, help="Questions whose greedy answers are generated and scored."),
+    summary: bool = typer.Option(True, help="Include the text summary (the slowest: every update is a generation)."),
+) -> None:
+    """Figure 5: every way of reading a user's memories (mean, retrieval-merge, prompt tuning, text summary, text)
+    against the number of memories, on held-out users."""
+    from commer.experiments.memories import run_memories
+
+    run_memories(
+        commer_checkpoint, prompt_tuning, output_dir, task, n, top_k, split, data_dir, max_examples, generate_examples,
+        summary=summary, progress=typer.echo,
+    )  # fmt: skip
+    typer.echo(f"wrote {output_dir}/memories.json, memories.md and memories.png")
 
 
 # sub-commands of other modules, registered after the app exists

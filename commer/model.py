@@ -10,7 +10,6 @@ The models know nothing about tokenization: they read ``Batch`` tensors (see ``c
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -18,6 +17,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from commer.backbone import Backbone
@@ -55,9 +55,10 @@ class SoftPromptLM(nn.Module):
         """The soft prompt of each example: ``(B, P, D)`` vectors and a ``(B, P)`` bool mask."""
         raise NotImplementedError
 
-    def generator(self) -> contextlib.AbstractContextManager:
-        """Context in which ``self.lm`` is the plain frozen backbone."""
-        return contextlib.nullcontext()
+    @property
+    def generator_lm(self) -> nn.Module:
+        """The plain frozen backbone the generator runs: no adapter on its path (same weights as ``lm``)."""
+        return self.lm
 
     # -- shared by both methods -----------------------------------------------------------------------------------
     @property
@@ -102,10 +103,9 @@ class SoftPromptLM(nn.Module):
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
         embeds = embeds.gather(1, order[..., None].expand_as(embeds))
         mask, labels = mask.gather(1, order), labels.gather(1, order)
-        with self.generator():
-            hidden = self.lm.get_decoder()(
-                inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False
-            ).last_hidden_state  # (B, T, D)
+        hidden = self.generator_lm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False
+        ).last_hidden_state  # (B, T, D)
         targets = labels[:, 1:]
         selected = targets != IGNORE_INDEX  # (B, T - 1)
         # The LM head is applied to answer positions only: the vocabulary projection dominates a small model's cost.
@@ -191,12 +191,8 @@ class SoftPromptLM(nn.Module):
         )
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        # The generator context is entered per forward pass, not around the loop: a caller may compress documents
-        # (LoRA on) between two steps.
-        with self.generator():
-            out = self.lm(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-            )
+        lm = self.generator_lm
+        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         for _ in range(max_new_tokens):
             nxt = _pick(out.logits[:, -1].float(), temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
@@ -206,14 +202,13 @@ class SoftPromptLM(nn.Module):
                 return
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
             positions = positions[:, -1:] + 1
-            with self.generator():
-                out = self.lm(
-                    inputs_embeds=self.embed(nxt[:, None]),
-                    attention_mask=mask,
-                    position_ids=positions,
-                    cache=out.cache,
-                    use_cache=True,
-                )
+            out = lm(
+                inputs_embeds=self.embed(nxt[:, None]),
+                attention_mask=mask,
+                position_ids=positions,
+                cache=out.cache,
+                use_cache=True,
+            )
 
 
 def _pick(
@@ -237,6 +232,22 @@ def _pick(
         rows = zip(probs, generator, strict=True)
         sampled = torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in rows])
     return torch.where(temperature == 0, greedy, sampled)
+
+
+def without_adapters(module: nn.Module) -> nn.Module:
+    """A view of ``module`` in which every peft LoRA wrapper is replaced by the layer it wraps.
+
+    Each module of the view is a shallow copy that shares its parameter and buffer dicts with the original, so the view
+    holds no weights of its own and follows the original through ``.to()``, ``.half()`` or ``load_state_dict``. Why:
+    a disabled adapter is still called on every linear layer; the generator, which never uses the adapter, should pay
+    for the plain backbone only."""
+    if isinstance(module, LoraLayer):
+        return module.get_base_layer()
+    view = copy.copy(module)
+    view._modules = {
+        name: None if child is None else without_adapters(child) for name, child in module._modules.items()
+    }
+    return view
 
 
 class Bridge(nn.Module):
@@ -290,7 +301,8 @@ class Bridge(nn.Module):
 
 class ComMer(SoftPromptLM):
     """Compress each document into K vectors (backbone + LoRA + K compression embeddings), mean-merge per user,
-    generate with the same backbone, LoRA disabled: one copy of the weights serves as compressor and generator."""
+    generate with the same backbone without the LoRA (``generator_lm``): one copy of the weights serves as compressor
+    and generator."""
 
     def __init__(self, backbone: Backbone, config: ComMerConfig) -> None:
         super().__init__(backbone, config)
@@ -312,13 +324,16 @@ class ComMer(SoftPromptLM):
         self.bridge = Bridge(config.bridge, task_prompt)
         # a constant of the frozen backbone, kept as a buffer so it moves with the model but is never trained or saved
         self.register_buffer("token_norm", weight.detach().float().norm(dim=-1).mean(), persistent=False)
+        # Not a submodule: it shares every weight with ``lm``, and registering it would save and count them twice.
+        self.__dict__["_generator_lm"] = without_adapters(self.lm)
 
     @property
     def lm(self) -> nn.Module:
         return self.peft_model.get_base_model()
 
-    def generator(self) -> contextlib.AbstractContextManager:
-        return self.peft_model.disable_adapter()
+    @property
+    def generator_lm(self) -> nn.Module:
+        return self.__dict__["_generator_lm"]
 
     def compress(self, doc_ids: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
         """Compress documents independently.

@@ -112,6 +112,17 @@ class _StepLoss(torch.nn.Module):
         return nll, n_tokens, self.model.nll(batch, other)[0]
 
 
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dicts as dotted keys: ``{"train": {"seed": 0}}`` -> ``{"train.seed": 0}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def contrast_hinge(nll: torch.Tensor, nll_other: torch.Tensor, n_tokens: torch.Tensor, margin: float) -> torch.Tensor:
     """Per example, ``(B,)``: how far the answer is from being ``margin`` nats per token more likely with its own
     user's soft prompt than with another user's (0 once it is)."""
@@ -181,6 +192,22 @@ class Trainer:
         )
         # rename last: a kill while saving leaves the previous complete state in place
         (last / "trainer_state.pt.tmp").replace(last / "trainer_state.pt")
+
+    def _check_same_run(self) -> None:
+        """A folder holding a run's state resumes only that run: with another config (another learning rate, or
+        another checkpoint to start from) the result would be neither run, so that is an error naming what differs.
+        Only ``device`` may change."""
+        saved_file = self.out / "config.yaml"
+        if not (self.out / "last" / "trainer_state.pt").is_file() or not saved_file.is_file():
+            return
+        saved, now = _flat(yaml.safe_load(saved_file.read_text()) or {}), _flat(self.config.to_dict())
+        differ = [k for k in sorted(saved.keys() | now.keys()) if k != "device" and saved.get(k) != now.get(k)]
+        if differ:
+            changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+            raise ConfigError(
+                f"{self.out} holds a run with another config ({changes}): rerun it with the same config to resume, "
+                "or choose another output_dir"
+            )
 
     def _resume(self) -> bool:
         state_file = self.out / "last" / "trainer_state.pt"
@@ -275,6 +302,7 @@ class Trainer:
         the checkpoint of that step, as a kill would (for tests of resumption)."""
         acc, cfg = self.accelerator, self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        self._check_same_run()
         if self.main:
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         if self._resume():

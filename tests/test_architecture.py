@@ -19,7 +19,7 @@ LAYERS = [
     ["commer.text", "commer.model"],
     ["commer.data"],
     ["commer.checkpoint"],
-    ["commer.serving", "commer.train", "commer.evaluate"],
+    ["commer.serving", "commer.train", "commer.evaluate", "commer.summary"],
     ["commer.store"],
     ["commer.service", "commer.scale", "commer.experiments", "commer.quickstart"],
     # the command lines and the package's public API sit on top of everything

@@ -70,8 +70,7 @@ def test_lora_changes_compression_but_not_generator(backbone):
     model = _model(backbone)
     embeds = torch.randn(2, 7, 64)
     with torch.no_grad():
-        with model.generator():
-            ours = model.lm(inputs_embeds=embeds).logits
+        ours = model.generator_lm(inputs_embeds=embeds).logits
         reference = plain(inputs_embeds=embeds).logits
         with_lora = model.lm(inputs_embeds=embeds).logits
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
@@ -91,8 +90,8 @@ def test_zero_documents_reads_the_task_prompt_or_nothing(backbone, bridge):
     if bridge != "none":
         embeds = torch.cat([model.bridge.task_prompt[None], embeds], dim=1)
         labels = torch.cat([labels.new_full((1, K), -100), labels], dim=1)
-    with torch.no_grad(), model.generator():
-        reference = model.lm(inputs_embeds=embeds, labels=labels).loss
+    with torch.no_grad():
+        reference = model.generator_lm(inputs_embeds=embeds, labels=labels).loss
     torch.testing.assert_close(nll[2] / n[2], reference, atol=1e-5, rtol=0)
 
 
@@ -113,6 +112,42 @@ def test_untrained_bridge_is_the_task_prompt_whatever_the_documents(backbone, br
     zero_init = [p for name, p in model.bridge.named_parameters() if name != "task_prompt" and not p.any()]
     assert zero_init and all(p.grad is not None and p.grad.abs().sum() > 0 for p in zero_init)
     assert model.bridge.task_prompt.grad.abs().sum() > 0
+
+
+def test_generator_view_shares_the_weights_and_has_no_adapter(backbone):
+    """The generator's view of the backbone holds no tensor of its own (every parameter and buffer is the backbone's
+    object), calls no LoRA layer, is not saved with the model, and follows the model through ``.to()``."""
+    from peft.tuners.lora import LoraLayer
+
+    model = _model(backbone)
+    view = model.generator_lm
+    assert view is not model.lm and not any(isinstance(m, LoraLayer) for m in view.modules())
+    base = {name.replace(".base_layer", ""): p for name, p in model.lm.named_parameters() if "lora_" not in name}
+    assert {name: id(p) for name, p in view.named_parameters()} == {name: id(p) for name, p in base.items()}
+    assert not any("_generator_lm" in key for key in model.state_dict())
+    model.to(torch.bfloat16)
+    assert {p.dtype for p in view.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in view.buffers() if b.is_floating_point()} == {
+        b.dtype for b in model.lm.buffers() if b.is_floating_point()
+    }
+
+
+def test_greedy_decoding_equals_the_adapter_disabled_backbone_without_cache(backbone):
+    """Decoding through the view, with its KV cache, gives the tokens of a plain greedy loop that re-reads the whole
+    sequence each step through peft's disabled adapter (the generator path before the view), LoRA trained-looking."""
+    model = _model(backbone)
+    perturb_zero_init(model)
+    batch = _collate(backbone, model, EXAMPLES[:1], with_answers=False)
+    tokens = model.generate(batch, eos_token_id=-1, pad_token_id=1, max_new_tokens=6)[0]
+    prefix, _ = model.prefix(batch)
+    embeds = torch.cat([prefix, model.embed(batch.input_ids)], dim=1)
+    expected = []
+    with torch.no_grad(), model.peft_model.disable_adapter():
+        for _ in range(6):
+            nxt = model.lm(inputs_embeds=embeds).logits[0, -1].argmax()
+            expected.append(int(nxt))
+            embeds = torch.cat([embeds, model.embed(nxt[None, None])], dim=1)
+    assert tokens.tolist() == expected
 
 
 def test_batched_generation_equals_per_user(backbone):

@@ -51,7 +51,7 @@ def _personalizer_with_k(k: int) -> Personalizer:
 def _generator_input(p: Personalizer, profile) -> torch.Tensor:
     """The ``inputs_embeds`` of the first forward pass of commer's own decoding (the prefill)."""
     seen: list[torch.Tensor] = []
-    hook = p.model.lm.register_forward_pre_hook(
+    hook = p.model.generator_lm.register_forward_pre_hook(
         lambda _m, _a, kwargs: seen.append(kwargs["inputs_embeds"].clone()), with_kwargs=True
     )
     try:

@@ -11,6 +11,7 @@ from conftest import WORDS, tiny_backbone
 
 from commer.checkpoint import load_checkpoint
 from commer.config import ComMerConfig, RunConfig, TrainConfig, load_config
+from commer.errors import ConfigError
 from commer.model import build_model
 from commer.text import Example
 from commer.train import Trainer, contrast_hinge, param_groups
@@ -75,6 +76,20 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, method):
     assert resumed.step == 9
     for name, p in straight.model.trainable_state().items():
         torch.testing.assert_close(resumed.model.trainable_state()[name], p, atol=1e-6, rtol=0)
+
+
+def test_a_folder_resumes_only_its_own_run(tmp_path):
+    """Another config (here a learning rate, or the checkpoint training starts from) in a folder holding a run's state
+    is an error naming what differs, not a silent resume of the other run; the same config resumes."""
+    killed, _ = _run(tmp_path, max_steps=6)
+    killed.fit(stop_at_step=3)
+    other, _ = _run(tmp_path, max_steps=6, lr_lora=0.5)
+    with pytest.raises(ConfigError, match=r"another config \(train.lr_lora: 0.0001 -> 0.5\)"):
+        other.fit()
+    with pytest.raises(ConfigError, match="train.init_from: None -> 'pretrained'"):
+        _run(tmp_path, max_steps=6, init_from="pretrained")[0].fit()
+    same, _ = _run(tmp_path, max_steps=6)
+    assert same.fit()["steps"] == 6
 
 
 def test_early_stopping_when_validation_stops_improving(tmp_path):

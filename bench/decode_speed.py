@@ -1,0 +1,119 @@
+"""Decoding speed: commer's generator (a soft prompt + a request) against Hugging Face ``generate()`` of the same
+backbone on the same input, side by side.
+
+    python bench/decode_speed.py [--backbone smollm2-135m] [--batch 1 16] [--new-tokens 32] [--rounds 3]
+
+Both sides read the same ``inputs_embeds`` (K=16 soft-prompt vectors from an untrained ComMer's task prompt, then a
+LaMP-7 request) and decode greedily, ignoring EOS, so they do the same work. The time per decoding step is measured
+without the prefill: (time for ``1 + n`` new tokens - time for 1) / n. Each dtype is a separate load of the backbone
+(float32, and bfloat16 where the CPU does bf16 natively); rounds alternate between the sides; medians.
+
+The bound printed beside the tokens/s is what memory bandwidth allows at batch 1: every step reads every weight once,
+so steps/s <= bandwidth / weight bytes, with the bandwidth measured here by copying a 512 MB tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from commer.backbone import load_backbone
+from commer.config import DEFAULT_BACKBONE, DEFAULT_K, ComMerConfig
+from commer.data.lamp import load_lamp7
+from commer.evaluate import bf16_supported
+from commer.model import ComMer
+from commer.text import Collator, Example
+
+
+def bandwidth_gb_s(megabytes: int = 512, rounds: int = 5) -> float:
+    """Memory bandwidth of a large copy (read + write), in GB/s."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def per_step(run: Callable[[int], torch.Tensor], new_tokens: int, rounds: int) -> float:
+    """Median seconds per decoding step of ``run(n)`` (which decodes exactly ``n`` tokens), prefill excluded."""
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        out = run(n)
+        if out.shape[1] != n:
+            raise RuntimeError(f"decoded {out.shape[1]} tokens, expected {n}")
+        return time.perf_counter() - start
+
+    timed(1), timed(new_tokens + 1)  # warm-up
+    return statistics.median((timed(new_tokens + 1) - timed(1)) / new_tokens for _ in range(rounds))
+
+
+def measure(dtype: torch.dtype, args: argparse.Namespace, requests: list[str], gb_s: float) -> None:
+    """Print one row per batch size for backbones loaded in ``dtype``."""
+    commer = ComMer(load_backbone(args.backbone, dtype=dtype), ComMerConfig()).eval()
+    hf = load_backbone(args.backbone, dtype=dtype)  # a separate plain copy: what a user of HF alone would run
+    collator = Collator(hf.tokenizer, commer.config, commer.max_length)
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.model.parameters())
+    for b in args.batch:
+        batch = collator([Example(f"u{i}", [], r) for i, r in enumerate(requests[:b])], with_answers=False)
+        prefix, prefix_mask = commer.prefix(batch)
+        # HF reads exactly what commer's generator reads: the soft prompt, then the request (left-padded).
+        embeds, mask = commer._join(prefix, prefix_mask, batch.input_ids, batch.input_mask)
+        order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+        embeds, mask = embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
+
+        def ours(n: int, prefix=prefix, prefix_mask=prefix_mask, batch=batch) -> torch.Tensor:
+            return commer.decode(
+                prefix, prefix_mask, batch.input_ids, batch.input_mask,
+                eos_token_id=-1, pad_token_id=collator.pad_id, max_new_tokens=n,
+            )  # fmt: skip
+
+        def theirs(n: int, embeds=embeds, mask=mask) -> torch.Tensor:
+            return hf.model.generate(
+                inputs_embeds=embeds, attention_mask=mask.long(), max_new_tokens=n, min_new_tokens=n,
+                do_sample=False, pad_token_id=collator.pad_id,
+            )  # fmt: skip
+
+        ms = {
+            name: 1e3 * per_step(run, args.new_tokens, args.rounds) for name, run in (("commer", ours), ("hf", theirs))
+        }
+        bound = gb_s * 1e9 / weight_bytes if b == 1 else float("nan")
+        print(
+            f" {str(dtype).removeprefix('torch.'):8} | {b:5} | {ms['commer']:14.1f} | {ms['hf']:10.1f} | "
+            f"{ms['commer'] / ms['hf']:9.2f} | {1e3 * b / ms['commer']:12.1f} | {1e3 * b / ms['hf']:8.1f} | "
+            f"{bound:17.1f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    requests = [e.instruction for e in load_lamp7(args.data_dir, n_docs=0).examples[: max(args.batch)]]
+    dtypes = [torch.float32] + ([torch.bfloat16] if bf16_supported(torch.device("cpu")) else [])
+    gb_s = bandwidth_gb_s()
+    print(
+        f"backbone {args.backbone}, K={DEFAULT_K} soft prompt + a LaMP-7 request, greedy, {args.new_tokens} steps, "
+        f"torch threads {torch.get_num_threads()}, median of {args.rounds} rounds; memory copy {gb_s:.1f} GB/s"
+    )
+    print(" dtype    | batch | commer ms/step | HF ms/step | commer/HF | commer tok/s | HF tok/s | bound tok/s (b=1)")
+    print("----------+-------+----------------+------------+-----------+--------------+----------+------------------")
+    for dtype in dtypes:
+        measure(dtype, args, requests, gb_s)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Figure 5 and beyond: quality against the number of a user's memories, every way of reading them side by side.
+
+For each number of memories n, the same held-out questions (PerLTQA: each question's memories always include the
+ones it refers to) are answered by:
+
+- ``no documents``: the frozen backbone, the question alone;
+- ``documents as text``: the frozen backbone with the n memories before the question;
+- ``text summary``: the frozen backbone with a summary it wrote of the n memories, one at a time (``commer.summary``);
+- ``prompt tuning``: its trained soft prompt, the n memories as text;
+- ``commer-mean``: ComMer, the mean of the n compressions (the paper's Figure 5);
+- ``commer-dense-top{k}`` / ``commer-bm25-top{k}``: retrieval-merge, the mean of the k compressions most relevant to
+  the question, by the cosine of compressions (no text stored) or by BM25 over the memories' texts.
+
+Each gets the perplexity of the gold answer, ROUGE-1/L of its greedy answer, and the generator's prompt tokens (soft
+prompt + text prompt). ``commer memories`` runs it and writes a JSON table, a Markdown table and a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from commer.backbone import load_backbone
+from commer.checkpoint import load_checkpoint
+from commer.config import ComMerConfig
+from commer.data.lamp import bm25_top
+from commer.data.splits import SPLITS
+from commer.data.tasks import load_splits
+from commer.errors import ConfigError
+from commer.evaluate import generate, perplexity, prompt_cost, rouge
+from commer.experiments.figures import _pyplot, _save
+from commer.merge import dense_scores
+from commer.model import ComMer, SoftPromptLM
+from commer.serving import Personalizer
+from commer.summary import summarize, with_summary
+from commer.text import Collator, Example, documents_as_text
+
+MEMORIES = (1, 2, 4, 8, 16)
+NO_DOCS, TEXT, SUMMARY, PROMPT_TUNING, MEAN = (
+    "no documents",
+    "documents as text",
+    "text summary",
+    "prompt tuning",
+    "commer-mean",
+)
+
+
+@dataclass
+class Point:
+    """One method at one number of memories."""
+
+    method: str
+    memories: int
+    perplexity: float
+    rouge1: float
+    rougeL: float
+    prompt_tokens: float
+    n_examples: int
+    n_generated: int
+
+
+def top_k_documents(example: Example, k: int, scores: torch.Tensor) -> Example:
+    """``example`` with only its ``k`` best-scored documents, in their original order (all of them if ``k >= n``):
+    the mean of their compressions is exactly the retrieval-merge profile of ``commer.merge.top_k_profile``."""
+    keep = sorted(torch.argsort(scores, descending=True, stable=True)[:k].tolist())
+    return Example(example.user_id, [example.documents[i] for i in keep], example.instruction, example.answer)
+
+
+def dense_selection(personalizer: Personalizer, example: Example, k: int) -> Example:
+    """Retrieval-merge by dense relevance: the request compressed as a document, cosine against each compression."""
+    compressions = personalizer.compress([example.instruction, *example.documents])
+    return top_k_documents(example, k, dense_scores(compressions[0], compressions[1:]))
+
+
+def bm25_selection(example: Example, k: int) -> Example:
+    """Retrieval-merge by BM25 of the request over the documents' texts."""
+    n = len(example.documents)
+    scores = torch.zeros(n)
+    scores[bm25_top(example.instruction, example.documents, n)] = torch.arange(n, 0, -1, dtype=torch.float32)
+    return top_k_documents(example, k, scores)
+
+
+def score(
+    method: str,
+    model: SoftPromptLM,
+    collator: Collator,
+    examples: Sequence[Example],
+    memories: int,
+    generate_examples: int,
+    max_new_tokens: int,
+) -> Point:
+    """Perplexity, ROUGE of greedy answers on the first ``generate_examples``, and prompt tokens of one method."""
+    subset = list(examples[:generate_examples])
+    scores = {"rouge1": float("nan"), "rougeL": float("nan")}
+    if subset:
+        scores = rouge(generate(model, collator, subset, max_new_tokens=max_new_tokens), [e.answer for e in subset])
+    return Point(
+        method=method,
+        memories=memories,
+        perplexity=perplexity(model, collator, examples),
+        rouge1=scores["rouge1"],
+        rougeL=scores["rougeL"],
+        prompt_tokens=prompt_cost(collator, examples).generator,
+        n_examples=len(examples),
+        n_generated=len(subset),
+    )
+
+
+def run_memories(
+    commer_checkpoint: str,
+    prompt_tuning_checkpoint: str | None,
+    output_dir: str | Path,
+    task: str = "perltqa",
+    memories: Sequence[int] = MEMORIES,
+    top_k: Sequence[int] = (2,),
+    split: str = "test",
+    data_dir: str | None = None,
+    max_examples: int | None = None,
+    generate_examples: int = 40,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    summary: bool = True,
+    progress: Callable[[str], None] = print,
+) -> list[Point]:
+    """Every method at every number of memories on ``split``'s questions of ``task``; writes ``memories.json``,
+    ``memories.md`` and ``memories.png`` to ``output_dir`` and returns the points. ``summary=False`` leaves out the
+    text summary (each of its updates is a generation: the slowest method to evaluate)."""
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if any(k < 1 for k in top_k) or any(n < 1 for n in memories):
+        raise ConfigError(f"memories and top_k must be >= 1, got {list(memories)} and {list(top_k)}")
+    commer = load_checkpoint(commer_checkpoint)
+    if not isinstance(commer, ComMer):
+        raise ConfigError(f"{commer_checkpoint} is not a ComMer checkpoint")
+    backbone_name = commer.backbone_name
+    # The frozen backbone reads no soft prompt: the paper's bridge with no documents adds nothing.
+    frozen_backbone = load_backbone(backbone_name)
+    frozen = ComMer(frozen_backbone, ComMerConfig(bridge="none"))
+    models: dict[str, SoftPromptLM] = {"frozen": frozen, "commer": commer}
+    if prompt_tuning_checkpoint is not None:
+        models["prompt tuning"] = load_checkpoint(prompt_tuning_checkpoint)
+    collators = {name: Collator(frozen_backbone.tokenizer, m.config, m.max_length) for name, m in models.items()}
+    personalizer = Personalizer(commer, frozen_backbone.tokenizer)
+
+    points: list[Point] = []
+    for n in memories:
+        # No length filter: the same questions at every n (the longest prompts are the documents-as-text ones).
+        examples = load_splits(task, data_dir, n, seed, max_chars=10**9)[0][split][:max_examples]
+        if not examples:
+            raise ConfigError(f"no {split} examples of {task}")
+        progress(f"{n} memories: {len(examples)} {split} questions")
+        as_text = [Example(e.user_id, [], documents_as_text(e.documents, e.instruction), e.answer) for e in examples]
+        methods: list[tuple[str, str, list[Example]]] = [
+            (NO_DOCS, "frozen", [Example(e.user_id, [], e.instruction, e.answer) for e in examples]),
+            (TEXT, "frozen", as_text),
+            (MEAN, "commer", list(examples)),
+        ]
+        if summary:
+            summaries = summarize(frozen, collators["frozen"], [e.documents for e in examples])
+            methods.append((SUMMARY, "frozen", [with_summary(e, s) for e, s in zip(examples, summaries, strict=True)]))
+        if "prompt tuning" in models:
+            methods.append((PROMPT_TUNING, "prompt tuning", list(examples)))
+        for k in top_k:
+            methods.append((f"commer-dense-top{k}", "commer", [dense_selection(personalizer, e, k) for e in examples]))
+            methods.append((f"commer-bm25-top{k}", "commer", [bm25_selection(e, k) for e in examples]))
+        for method, name, variant in methods:
+            point = score(method, models[name], collators[name], variant, n, generate_examples, max_new_tokens)
+            progress(f"  {method:24} perplexity {point.perplexity:8.3f}  ROUGE-L {point.rougeL:.4f}")
+            points.append(point)
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "commer": commer_checkpoint,
+        "prompt_tuning": prompt_tuning_checkpoint,
+        "task": task,
+        "split": split,
+        "seed": seed,
+        "summary_of_the_first_question": summaries[0] if summary else None,
+        "points": [asdict(p) for p in points],
+    }
+    (out / "memories.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "memories.md").write_text(table(points) + "\n")
+    plot(points, out / "memories.png", f"{task} {split}: quality against memories per user")
+    return points
+
+
+def table(points: Sequence[Point]) -> str:
+    """A Markdown table: one row per method, perplexity / ROUGE-L / prompt tokens per number of memories."""
+    ns = sorted({p.memories for p in points})
+    methods = list(dict.fromkeys(p.method for p in points))
+    at = {(p.method, p.memories): p for p in points}
+    header = "| method | " + " | ".join(f"n={n}: ppl / ROUGE-L / tokens" for n in ns) + " |"
+    lines = [header, "| --- |" + " --- |" * len(ns)]
+    for m in methods:
+        cells = [
+            f"{at[m, n].perplexity:.2f} / {at[m, n].rougeL:.3f} / {at[m, n].prompt_tokens:.0f}" if (m, n) in at else ""
+            for n in ns
+        ]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(points: Sequence[Point], path: Path, title: str) -> Path:
+    """Perplexity and ROUGE-L against memories (log 2 axis), one line per method."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in dict.fromkeys(p.method for p in points):
+        series = sorted((p for p in points if p.method == method), key=lambda p: p.memories)
+        style = "-o" if method.startswith("commer") else "--s"
+        for ax, key in zip(axes, ("perplexity", "rougeL"), strict=True):
+            ax.plot([p.memories for p in series], [getattr(p, key) for p in series], style, label=method)
+    for ax, label in zip(axes, ("perplexity of the gold answer", "ROUGE-L of the greedy answer"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("memories per question (n)")
+        ax.set_ylabel(label)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -1,0 +1,85 @@
+"""``commer memories`` (Figure 5) end to end on the tiny Llama and a small PerLTQA-shaped data folder written here:
+every method at every number of memories, the files it writes, and retrieval-merge with k >= n equal to the mean."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_backbone
+
+from commer.checkpoint import save_checkpoint
+from commer.config import ComMerConfig
+from commer.data.perltqa import MEMORY_FILE, QA_FILE
+from commer.experiments.memories import MEAN, run_memories, top_k_documents
+from commer.model import ComMer, PromptTuning
+from commer.text import Example
+
+PERSONAS = ["ann", "bo", "cy", "di", "ed", "flo", "gus"]
+
+
+def _write_perltqa(root) -> None:
+    memories, qa = {}, []
+    for i, p in enumerate(PERSONAS):
+        memories[p] = {
+            "profile": {"Hobby": "hiking" if i % 2 else "jazz"},
+            "social_relationship": {},
+            "events": {f"{i}_0": {"Creation Time": "today", "content": "a run in the rain"}},
+            "dialogues": {f"{i}_0#1": {"contents": {"morning": ["i love coffee", "you love tea"]}}},
+        }
+        like = {"Question": "what does the user like ?", "Answer": "jazz", "Reference Memory": "Hobby"}
+        event = {"Question": "what was it ?", "Answer": "a run", "Reference Memory": f"['{i}_0']"}
+        qa.append({p: {"profile": [like], "events": [{f"{i}_0": [event]}]}})
+    (root / MEMORY_FILE).parent.mkdir(parents=True)
+    (root / MEMORY_FILE).write_text(json.dumps(memories))
+    (root / QA_FILE).write_text(json.dumps(qa))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("memories")
+    backbone = tiny_backbone(max_positions=1024)
+    folder = root / "backbone"
+    backbone.model.save_pretrained(folder)
+    backbone.tokenizer.save_pretrained(folder)
+    bb = tiny_backbone(max_positions=1024)
+    bb.name = str(folder)
+    save_checkpoint(ComMer(bb, ComMerConfig(num_embeddings=2, lora_r=2)), root / "commer")
+    pt = tiny_backbone(max_positions=1024)
+    pt.name = str(folder)
+    save_checkpoint(PromptTuning(pt, ComMerConfig(method="prompt_tuning", num_embeddings=2)), root / "pt")
+    _write_perltqa(root / "data")
+    return root
+
+
+def test_every_method_at_every_number_of_memories(checkpoints, tmp_path):
+    points = run_memories(
+        str(checkpoints / "commer"), str(checkpoints / "pt"), tmp_path, memories=(1, 3), top_k=(1, 3),
+        split="train", data_dir=str(checkpoints / "data"), generate_examples=2, max_new_tokens=4,
+        progress=lambda _: None,
+    )  # fmt: skip
+    methods = {p.method for p in points}
+    assert methods == {
+        "no documents", "documents as text", "text summary", "prompt tuning", "commer-mean",
+        "commer-dense-top1", "commer-bm25-top1", "commer-dense-top3", "commer-bm25-top3",
+    }  # fmt: skip
+    assert {p.memories for p in points} == {1, 3} and all(math.isfinite(p.perplexity) for p in points)
+    at = {(p.method, p.memories): p for p in points}
+    # k >= n is the plain mean: the same perplexity, exactly
+    for signal in ("dense", "bm25"):
+        assert at[f"commer-{signal}-top3", 3].perplexity == at[MEAN, 3].perplexity
+    # the soft prompt is K whatever n; documents as text grow with n
+    assert at[MEAN, 1].prompt_tokens == at[MEAN, 3].prompt_tokens
+    assert at["documents as text", 3].prompt_tokens > at["documents as text", 1].prompt_tokens
+    record = json.loads((tmp_path / "memories.json").read_text())
+    assert len(record["points"]) == len(points)
+    assert (tmp_path / "memories.png").stat().st_size > 0
+    assert "| commer-mean |" in (tmp_path / "memories.md").read_text()
+
+
+def test_top_k_documents_keeps_the_best_in_their_order():
+    example = Example("u", ["d0", "d1", "d2", "d3"], "q", "a")
+    assert top_k_documents(example, 2, torch.tensor([0.1, 0.9, 0.0, 0.5])).documents == ["d1", "d3"]
+    assert top_k_documents(example, 9, torch.zeros(4)).documents == example.documents
