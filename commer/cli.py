@@ -85,7 +85,7 @@ def quickstart(
     test_users: int = typer.Option(64),
 ) -> None:
     """Fine-tune the shipped compressor on LaMP-7 (or the recall probe) and show on held-out users whether
-    documents help (~15 min)."""
+    documents help (12 to 24 min on 2 CPU cores)."""
     from commer.quickstart import quickstart as run_quickstart
 
     run_quickstart(

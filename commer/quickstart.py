@@ -1,4 +1,4 @@
-"""``commer quickstart``: the whole method on 2 CPU cores in about a quarter of an hour.
+"""``commer quickstart``: the whole method on 2 CPU cores in 12 to 24 minutes (the personalization hinge included).
 
 Start from the compressor shipped with the package (pretrained by auto-encoding), fine-tune it on LaMP-7 training
 users (or on the synthetic recall probe, ``task="recall"``), then, on held-out users, compare the perplexity of the
