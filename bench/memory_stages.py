@@ -1,0 +1,53 @@
+"""Where the quickstart's memory goes: resident set size (now and peak) after each stage of a fine-tuning run.
+
+    python bench/memory_stages.py
+
+Loads the embedded backbone and the shipped compressor, reads LaMP-7 (two BM25 documents per user), scores 16 test
+users, then takes three training steps of 4 examples under bfloat16 autocast, printing RSS after each stage.
+"""
+
+import resource
+from pathlib import Path
+
+import torch
+
+from commer.backbone import load_backbone
+from commer.checkpoint import load_checkpoint
+from commer.config import TrainConfig
+from commer.data.tasks import load_splits
+from commer.evaluate import autocast, perplexity
+from commer.text import Collator
+from commer.train import param_groups
+
+
+def rss(tag: str) -> None:
+    now = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1e6
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"{tag:14} RSS {now:5.2f} GB, peak {peak:5.2f} GB", flush=True)
+
+
+def main() -> None:
+    rss("start")
+    bb = load_backbone()
+    rss("backbone")
+    model = load_checkpoint("pretrained", bb)
+    rss("model")
+    splits, _ = load_splits("lamp7", None, 2, 0)
+    rss("data")
+    collator = Collator(bb.tokenizer, model.config, model.max_length)
+    perplexity(model, collator, splits["test"][:16])
+    rss("eval 16 users")
+    optimizer = torch.optim.AdamW(param_groups(model, TrainConfig()))
+    model.train()
+    for i in range(3):
+        batch = collator(splits["train"][i * 4 : (i + 1) * 4])
+        with autocast(model.device, True):
+            loss = model.loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        rss(f"train step {i}")
+
+
+if __name__ == "__main__":
+    main()
