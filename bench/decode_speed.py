@@ -65,9 +65,7 @@ def measure(dtype: torch.dtype, args: argparse.Namespace, requests: list[str], g
         batch = collator([Example(f"u{i}", [], r) for i, r in enumerate(requests[:b])], with_answers=False)
         prefix, prefix_mask = commer.prefix(batch)
         # HF reads exactly what commer's generator reads: the soft prompt, then the request (left-padded).
-        embeds, mask = commer._join(prefix, prefix_mask, batch.input_ids, batch.input_mask)
-        order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
-        embeds, mask = embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
+        embeds, mask = commer.left_aligned(prefix, prefix_mask, batch.input_ids, batch.input_mask)
 
         def ours(n: int, prefix=prefix, prefix_mask=prefix_mask, batch=batch) -> torch.Tensor:
             return commer.decode(
@@ -77,7 +75,7 @@ def measure(dtype: torch.dtype, args: argparse.Namespace, requests: list[str], g
 
         def theirs(n: int, embeds=embeds, mask=mask) -> torch.Tensor:
             return hf.model.generate(
-                inputs_embeds=embeds, attention_mask=mask.long(), max_new_tokens=n, min_new_tokens=n,
+                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                 do_sample=False, pad_token_id=collator.pad_id,
             )  # fmt: skip
 

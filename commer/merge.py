@@ -144,13 +144,19 @@ def dense_scores(query: torch.Tensor, compressions: torch.Tensor) -> torch.Tenso
     return torch.nn.functional.cosine_similarity(flat - centre, q[None], dim=1)
 
 
-def top_k_profile(compressions: torch.Tensor, scores: torch.Tensor, k: int) -> ProfileState:
-    """Retrieval-merge: the profile of the ``k`` best-scored of ``(n, K, D)`` compressions (ties: the earlier
-    document). With ``k >= n`` every document is kept in its order, so the result equals the running mean exactly."""
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the ``k`` best of ``(n,)`` scores (ties: the earlier one), in their original order; all ``n``
+    when ``k >= n``."""
     if k < 1:
         raise ValueError(f"top_k must be >= 1, got {k}")
+    n = scores.shape[0]
+    return torch.arange(n) if k >= n else torch.argsort(scores, descending=True, stable=True)[:k].sort().values
+
+
+def top_k_profile(compressions: torch.Tensor, scores: torch.Tensor, k: int) -> ProfileState:
+    """Retrieval-merge: the profile of the ``k`` best-scored of ``(n, K, D)`` compressions (``top_k_indices``). With
+    ``k >= n`` every document is kept in its order, so the result equals the running mean exactly."""
     n = compressions.shape[0]
     if scores.shape != (n,):
         raise ValueError(f"{tuple(scores.shape)} scores for {n} compressions")
-    keep = torch.arange(n) if k >= n else torch.argsort(scores, descending=True, stable=True)[:k].sort().values
-    return ProfileState.from_compressions(compressions[keep])
+    return ProfileState.from_compressions(compressions[top_k_indices(scores, k)])

@@ -87,6 +87,15 @@ class SoftPromptLM(nn.Module):
         embeds = torch.cat([prefix.to(dtype), self.embed(input_ids)], dim=1)  # (B, P + L, D)
         return embeds, torch.cat([prefix_mask, input_mask.bool()], dim=1)
 
+    def left_aligned(
+        self, prefix: torch.Tensor, prefix_mask: torch.Tensor, input_ids: torch.Tensor, input_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What decoding reads: ``_join``'s ``(B, P + L, D)`` embeddings and ``(B, P + L)`` long mask, left-aligned
+        (all masked slots first, real positions last), so every row's next token goes at the same index."""
+        embeds, mask = self._join(prefix, prefix_mask, input_ids, input_mask)
+        order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+        return embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order).long()
+
     def answer_logits(
         self, batch: Batch, prefix: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,11 +188,7 @@ class SoftPromptLM(nn.Module):
         if bool((temperature < 0).any()) or not bool(((top_p > 0) & (top_p <= 1)).all()):
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature.tolist()}, {top_p.tolist()}")
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id, device=self.device)
-        embeds, mask = self._join(prefix, prefix_mask, input_ids, input_mask)
-        # Left-align: all masked slots first, real tokens last, so every row's next token goes at the same index.
-        order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
-        embeds = embeds.gather(1, order[..., None].expand_as(embeds))
-        mask = mask.gather(1, order).long()
+        embeds, mask = self.left_aligned(prefix, prefix_mask, input_ids, input_mask)
         check_context(
             f"a prompt of {mask.shape[1]} positions with {max_new_tokens} new tokens",
             mask.shape[1] + max_new_tokens,

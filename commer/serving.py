@@ -110,8 +110,7 @@ class Personalizer:
         else:
             if len(texts) != n:
                 raise ValueError(f"{len(texts)} texts for {n} compressions")
-            scores = torch.zeros(n)
-            scores[bm25_top(request, texts, n)] = torch.arange(n, 0, -1, dtype=torch.float32)  # rank as score
+            scores = bm25_scores(request, texts)
         return top_k_profile(compressions, scores, top_k)
 
     @torch.no_grad()
@@ -206,6 +205,15 @@ def _generators(
     if len(seed) != rows:
         raise ValueError(f"{len(seed)} seeds for {rows} rows")
     return [None if s is None else torch.Generator(device).manual_seed(s) for s in seed]
+
+
+def bm25_scores(request: str, texts: Sequence[str]) -> torch.Tensor:
+    """Relevance of each of ``texts`` to ``request`` by BM25, as its rank turned into a score: ``(n,)``, n for the
+    best text down to 1 for the worst (ties: the earlier text ranks higher)."""
+    n = len(texts)
+    scores = torch.zeros(n)
+    scores[bm25_top(request, texts, n)] = torch.arange(n, 0, -1, dtype=torch.float32)
+    return scores
 
 
 def load_personalizer(

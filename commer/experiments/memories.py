@@ -27,15 +27,14 @@ import torch
 from commer.backbone import load_backbone
 from commer.checkpoint import load_checkpoint
 from commer.config import ComMerConfig
-from commer.data.lamp import bm25_top
 from commer.data.splits import SPLITS
 from commer.data.tasks import load_splits
 from commer.errors import ConfigError
-from commer.evaluate import generate, perplexity, prompt_cost, rouge
+from commer.evaluate import evaluate_examples
 from commer.experiments.figures import _pyplot, _save
-from commer.merge import dense_scores
+from commer.merge import dense_scores, top_k_indices
 from commer.model import ComMer, SoftPromptLM
-from commer.serving import Personalizer
+from commer.serving import Personalizer, bm25_scores
 from commer.summary import summarize, with_summary
 from commer.text import Collator, Example, documents_as_text
 
@@ -64,9 +63,9 @@ class Point:
 
 
 def top_k_documents(example: Example, k: int, scores: torch.Tensor) -> Example:
-    """``example`` with only its ``k`` best-scored documents, in their original order (all of them if ``k >= n``):
-    the mean of their compressions is exactly the retrieval-merge profile of ``commer.merge.top_k_profile``."""
-    keep = sorted(torch.argsort(scores, descending=True, stable=True)[:k].tolist())
+    """``example`` with only its ``k`` best-scored documents (``commer.merge.top_k_indices``): the mean of their
+    compressions is exactly the retrieval-merge profile of ``commer.merge.top_k_profile``."""
+    keep = top_k_indices(scores, k).tolist()
     return Example(example.user_id, [example.documents[i] for i in keep], example.instruction, example.answer)
 
 
@@ -78,10 +77,7 @@ def dense_selection(personalizer: Personalizer, example: Example, k: int) -> Exa
 
 def bm25_selection(example: Example, k: int) -> Example:
     """Retrieval-merge by BM25 of the request over the documents' texts."""
-    n = len(example.documents)
-    scores = torch.zeros(n)
-    scores[bm25_top(example.instruction, example.documents, n)] = torch.arange(n, 0, -1, dtype=torch.float32)
-    return top_k_documents(example, k, scores)
+    return top_k_documents(example, k, bm25_scores(example.instruction, example.documents))
 
 
 def score(
@@ -94,19 +90,16 @@ def score(
     max_new_tokens: int,
 ) -> Point:
     """Perplexity, ROUGE of greedy answers on the first ``generate_examples``, and prompt tokens of one method."""
-    subset = list(examples[:generate_examples])
-    scores = {"rouge1": float("nan"), "rougeL": float("nan")}
-    if subset:
-        scores = rouge(generate(model, collator, subset, max_new_tokens=max_new_tokens), [e.answer for e in subset])
+    result = evaluate_examples(model, collator, examples, generate_examples, max_new_tokens=max_new_tokens)
     return Point(
         method=method,
         memories=memories,
-        perplexity=perplexity(model, collator, examples),
-        rouge1=scores["rouge1"],
-        rougeL=scores["rougeL"],
-        prompt_tokens=prompt_cost(collator, examples).generator,
-        n_examples=len(examples),
-        n_generated=len(subset),
+        perplexity=result.perplexity,
+        rouge1=result.rouge1,
+        rougeL=result.rougeL,
+        prompt_tokens=result.cost.generator,
+        n_examples=result.n_examples,
+        n_generated=result.n_rouge,
     )
 
 
