@@ -1,4 +1,5 @@
-"""The cost of answering: ComMer (K=16) against prompt tuning with the same documents in its prompt, side by side.
+"""The cost of answering: ComMer (K=16) against prompt tuning with the same documents in its prompt, side by side;
+then what retrieval-merge adds per request against the O(1) mean, at 10, 100 and 1,000 stored documents.
 
     python bench/answer_cost.py [--backbone smollm2-135m] [--k 16] [--users 8] [--new-tokens 32] [--rounds 3]
 
@@ -8,25 +9,37 @@ of documents it times one batch of ``--users`` requests: ComMer generating from 
 costs), and prompt tuning reading the documents as text. Every request decodes exactly ``--new-tokens`` tokens (EOS is
 ignored), so only the prompt differs. Rounds alternate between the three to spread machine noise evenly; medians.
 The models are untrained: latency and token counts do not depend on the weights' values.
+
+Retrieval-merge: one user's profile in a SQLite store (a temporary file) with N stored compressions (random vectors of
+the model's shape: the cost does not depend on their values). Per request, timed side by side, medians: selecting the
+soft prompt by the mean (read the running sum: what ``generate`` does by default), by dense retrieval-merge (read the N
+compressions, compress the request, rank by centred cosine, mean the top-k) and by BM25 retrieval-merge (read the N
+compressions and texts, rank the texts); then decoding one answer from K vectors, the same after any of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from commer.backbone import load_backbone
+from commer.checkpoint import model_fingerprint
 from commer.config import ComMerConfig
 from commer.data.lamp import load_lamp7
 from commer.evaluate import autocast, prompt_cost
 from commer.model import ComMer, PromptTuning
+from commer.serving import Personalizer
+from commer.store import ProfileStore
 from commer.text import Collator, Example
 
 DOCS = (1, 4, 8)
+STORED = (10, 100, 1000)  # stored documents per user, for retrieval-merge
 
 
 def main() -> None:
@@ -37,6 +50,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--top-k", type=int, default=4, help="Retrieval-merge's k.")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
@@ -98,6 +112,62 @@ def main() -> None:
         f"prompt tuning: tokens x{tokens['prompt tuning', last] / tokens['prompt tuning', first]:.2f}, "
         f"latency x{median['prompt tuning', last] / median['prompt tuning', first]:.2f}"
     )
+    retrieval_cost(Personalizer(commer, backbone.tokenizer), users[0], args.top_k, args.new_tokens, args.rounds)
+
+
+def retrieval_cost(personalizer: Personalizer, user: Example, top_k: int, new_tokens: int, rounds: int) -> None:
+    """Print one request's time to select its soft prompt (mean, dense and BM25 retrieval-merge) and to decode."""
+    k, d = personalizer.shape
+    ms = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ProfileStore(Path(tmp) / "bench.db", model_fingerprint(personalizer.model), (k, d))
+        for n in STORED:
+            name = f"user-{n}"
+            texts = [user.documents[i % len(user.documents)] + f" ({i})" for i in range(n)]
+            store.add_documents("bench", name, texts, torch.randn(n, k, d, generator=torch.Generator().manual_seed(n)))
+            selections = {
+                "mean": lambda u=name: store.get_profile("bench", u),
+                "dense": lambda u=name: personalizer.retrieval_profile(
+                    user.instruction, store.document_compressions("bench", u)[0], top_k
+                ),
+                "bm25": lambda u=name: _bm25(personalizer, store, u, user.instruction, top_k),
+            }
+            times: dict[str, list[float]] = {way: [] for way in selections}
+            for _ in range(rounds + 1):  # the first round warms up
+                for way, select in selections.items():
+                    start = time.perf_counter()
+                    select()
+                    times[way].append(time.perf_counter() - start)
+            for way, t in times.items():
+                ms[way, n] = 1000 * statistics.median(t[1:])
+        profile = store.get_profile("bench", f"user-{STORED[0]}")
+        store.close()
+    prefix, mask = personalizer.soft_prompts([profile])
+    ids, ids_mask = personalizer.collator.pad([personalizer.collator.encode_prompt(user.instruction)])
+    pad = personalizer.collator.pad_id
+    decode = []
+    for _ in range(rounds + 1):
+        start = time.perf_counter()
+        with autocast(personalizer.model.device, True):  # as the table above
+            personalizer.model.decode(
+                prefix, mask, ids, ids_mask, eos_token_id=-1, pad_token_id=pad, max_new_tokens=new_tokens
+            )
+        decode.append(time.perf_counter() - start)
+    decode_ms = 1000 * statistics.median(decode[1:])
+    print(f"\nretrieval-merge (top_k={top_k}) per request, one user, ms (median of {rounds}); decoding "
+          f"{new_tokens} tokens from K={k} vectors after any of them: {decode_ms:.0f} ms")  # fmt: skip
+    print(" stored docs | mean | dense | bm25 | request with mean | with dense | with bm25")
+    print("-------------+------+-------+------+-------------------+------------+----------")
+    for n in STORED:
+        mean, dense, bm25 = ms["mean", n], ms["dense", n], ms["bm25", n]
+        total = [decode_ms + x for x in (mean, dense, bm25)]
+        row = f"{n:12} | {mean:4.1f} | {dense:5.0f} | {bm25:4.0f}"
+        print(f"{row} | {total[0]:17.0f} | {total[1]:10.0f} | {total[2]:8.0f}")
+
+
+def _bm25(personalizer: Personalizer, store: ProfileStore, user: str, request: str, top_k: int) -> None:
+    compressions, texts = store.document_compressions("bench", user, with_texts=True)
+    personalizer.retrieval_profile(request, compressions, top_k, texts)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Where the quickstart's memory goes: resident set size (now and peak) after each stage of a fine-tuning run.
 
-    python bench/memory_stages.py
+    python bench/memory_stages.py [--steps 3]
 
 Loads the embedded backbone and the shipped compressor, reads LaMP-7 (two BM25 documents per user), scores 16 test
-users, then takes three training steps of 4 examples under bfloat16 autocast, printing RSS after each stage.
+users, then takes ``--steps`` training steps of 4 examples under bfloat16 autocast, printing RSS after each stage (and
+after every tenth step past the third).
 """
 
+import argparse
 import resource
 from pathlib import Path
 
@@ -27,6 +29,9 @@ def rss(tag: str) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
     rss("start")
     bb = load_backbone()
     rss("backbone")
@@ -39,14 +44,15 @@ def main() -> None:
     rss("eval 16 users")
     optimizer = torch.optim.AdamW(param_groups(model, TrainConfig()))
     model.train()
-    for i in range(3):
+    for i in range(args.steps):
         batch = collator(splits["train"][i * 4 : (i + 1) * 4])
         with autocast(model.device, True):
             loss = model.loss(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        rss(f"train step {i}")
+        if i < 3 or i % 10 == 9:
+            rss(f"train step {i}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@
 Starts ``python -m commer.service serve`` on a loopback port with a fresh database, gives each user a few documents,
 then for each concurrency level runs closed-loop clients (each sends its next generate request when the previous
 answer arrives) for ``--seconds`` or ``--requests``, whichever ends first.
+
+Then continuous batching: the latency of a short request (``--short-tokens``) sent one at a time, first on the idle
+server, then while ``--long-users`` closed-loop clients keep long answers (``--long-tokens``) decoding; the ratio of
+the two p99s is what a short request pays for arriving during a long batch.
 """
 
 from __future__ import annotations
@@ -110,6 +114,44 @@ def run_level(url: str, users: int, seconds: float, max_requests: int, max_new_t
     }
 
 
+def short_during_long(url: str, shorts: int, short_tokens: int, long_users: int, long_tokens: int) -> dict[str, float]:
+    """p50/p99 latency of ``shorts`` sequential short requests on the idle server, then beside long answers."""
+
+    def short_latencies() -> list[float]:
+        out = []
+        with httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=300) as c:
+            for _ in range(shorts):
+                t = time.perf_counter()
+                body = {"instruction": INSTRUCTION, "max_new_tokens": short_tokens}
+                c.post("/v1/users/user-0/generate", json=body).raise_for_status()
+                out.append(time.perf_counter() - t)
+        return sorted(out)
+
+    idle = short_latencies()
+    stop = threading.Event()
+
+    def long_client(i: int) -> None:
+        body = {"instruction": INSTRUCTION, "max_new_tokens": long_tokens}
+        with httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=300) as c:
+            while not stop.is_set():
+                c.post(f"/v1/users/user-{1 + i}/generate", json=body).raise_for_status()
+
+    threads = [threading.Thread(target=long_client, args=(i,)) for i in range(long_users)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # let the long answers start decoding
+    busy = short_latencies()
+    stop.set()
+    for t in threads:
+        t.join()
+
+    def p99(x: list[float]) -> float:
+        return x[min(len(x) - 1, int(0.99 * len(x)))]
+
+    return {"idle_p50": statistics.median(idle), "idle_p99": p99(idle),
+            "busy_p50": statistics.median(busy), "busy_p99": p99(busy)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="smollm2-135m", help="'smollm2-135m', a model folder, or 'tiny'")
@@ -120,6 +162,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--shorts", type=int, default=20, help="short requests timed, idle and beside long answers")
+    parser.add_argument("--short-tokens", type=int, default=4)
+    parser.add_argument("--long-users", type=int, default=4)
+    parser.add_argument("--long-tokens", type=int, default=128)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -127,12 +173,13 @@ def main() -> None:
         process, url = start_server(folder, backbone, args.k, args.max_batch_size, args.batch_wait_ms)
         try:
             with httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=300) as c:
-                for i in range(max(args.concurrency)):
+                for i in range(max(*args.concurrency, args.long_users + 1)):
                     docs = [{"text": DOCS[(i + j) % len(DOCS)]} for j in range(3)]
                     c.post(f"/v1/users/user-{i}/documents", json={"documents": docs}).raise_for_status()
                 c.post("/v1/users/user-0/generate", json={"instruction": INSTRUCTION, "max_new_tokens": 4})  # warm-up
             results = [run_level(url, n, args.seconds, args.requests, args.max_new_tokens) for n in args.concurrency]
             batches = httpx.get(url + "/metrics").text
+            short = short_during_long(url, args.shorts, args.short_tokens, args.long_users, args.long_tokens)
         finally:
             process.terminate()
             process.wait(30)
@@ -144,10 +191,14 @@ def main() -> None:
               f"{r['p50']:>7.3f} | {r['p99']:>7.3f}")  # fmt: skip
     count = sum(float(x.split()[-1]) for x in batches.splitlines() if x.startswith("commer_generate_batch_size_count"))
     total = sum(float(x.split()[-1]) for x in batches.splitlines() if x.startswith("commer_generate_batch_size_sum"))
-    print(f"mean batch size over the run: {total / max(count, 1):.1f}")
+    print(f"mean generations prefilled together: {total / max(count, 1):.1f}")
     if len(results) > 1:
         print(f"throughput ratio {results[-1]['users']} users / {results[0]['users']} user: "
               f"{results[-1]['rps'] / results[0]['rps']:.2f}x")  # fmt: skip
+    print(f"short request ({args.short_tokens} tokens, {args.shorts} sent one at a time), idle: p50 "
+          f"{short['idle_p50']:.3f} s, p99 {short['idle_p99']:.3f} s; beside {args.long_users} long answers "
+          f"({args.long_tokens} tokens): p50 {short['busy_p50']:.3f} s, p99 {short['busy_p99']:.3f} s; "
+          f"p99 ratio {short['busy_p99'] / short['idle_p99']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

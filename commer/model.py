@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers import DynamicCache
 
 from commer.backbone import Backbone
 from commer.batch import Batch
@@ -188,35 +189,100 @@ class SoftPromptLM(nn.Module):
         if bool((temperature < 0).any()) or not bool(((top_p > 0) & (top_p <= 1)).all()):
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature.tolist()}, {top_p.tolist()}")
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id, device=self.device)
-        embeds, mask = self.left_aligned(prefix, prefix_mask, input_ids, input_mask)
+        width = prefix.shape[1] + input_ids.shape[1]
         check_context(
-            f"a prompt of {mask.shape[1]} positions with {max_new_tokens} new tokens",
-            mask.shape[1] + max_new_tokens,
-            self.max_length,
+            f"a prompt of {width} positions with {max_new_tokens} new tokens", width + max_new_tokens, self.max_length
         )
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        lm = self.generator_lm
-        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        rows = self.prefill(prefix, prefix_mask, input_ids, input_mask)
         for _ in range(max_new_tokens):
-            nxt = _pick(out.logits[:, -1].float(), temperature, top_p, generator)
+            nxt = sample_next(rows.logits, temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             yield nxt
             done |= torch.isin(nxt, eos)
             if bool(done.all()):
                 return
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = lm(
-                inputs_embeds=self.embed(nxt[:, None]),
-                attention_mask=mask,
-                position_ids=positions,
-                cache=out.cache,
-                use_cache=True,
-            )
+            rows = self.advance(rows, nxt)
+
+    @torch.no_grad()
+    def prefill(
+        self, prefix: torch.Tensor, prefix_mask: torch.Tensor, input_ids: torch.Tensor, input_mask: torch.Tensor
+    ) -> DecodeRows:
+        """Read each row's soft prompt ``(B, P, D)`` (mask ``(B, P)``) and prompt ``(B, L)`` (padded on either side)
+        into a KV cache: rows ready to pick their first token."""
+        embeds, mask = self.left_aligned(prefix, prefix_mask, input_ids, input_mask)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.generator_lm(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        return DecodeRows(out.cache, mask, positions[:, -1:], out.logits[:, -1].float())
+
+    @torch.no_grad()
+    def advance(self, rows: DecodeRows, tokens: torch.Tensor) -> DecodeRows:
+        """Feed each row its ``(B,)`` next token: the rows, one position longer, with their next logits."""
+        b = rows.size
+        mask = torch.cat([rows.mask, rows.mask.new_ones(b, 1)], dim=1)
+        positions = rows.positions + 1
+        out = self.generator_lm(
+            inputs_embeds=self.embed(tokens[:, None]),
+            attention_mask=mask,
+            position_ids=positions,
+            cache=rows.cache,
+            use_cache=True,
+        )
+        return DecodeRows(out.cache, mask, positions, out.logits[:, -1].float())
 
 
-def _pick(
+@dataclass
+class DecodeRows:
+    """Rows decoding together, each ready for its next token: continuous batching lets rows leave (``select``) and
+    join (``join``) between steps, whatever their lengths. Rows are left-aligned: all end at the last column, their
+    masked slots (padding, or the room a shorter row leaves) come first, and each row keeps its own position ids, so
+    a row's tokens do not depend on the rows beside it."""
+
+    cache: DynamicCache  # per layer (B, H, T, d) keys and values
+    mask: torch.Tensor  # (B, T) long, 1 at each row's real positions
+    positions: torch.Tensor  # (B, 1) the position id of each row's last position
+    logits: torch.Tensor  # (B, V) float32: each row's next-token logits
+
+    @property
+    def size(self) -> int:
+        return self.mask.shape[0]
+
+    def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+    def select(self, rows: Sequence[int]) -> DecodeRows:
+        """The rows at ``rows`` (in that order), without the leading columns that none of them uses."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.mask.device)
+        mask = self.mask[index]
+        first = int(mask.any(0).long().argmax())  # the first column any kept row reads
+        layers = [(k[index, :, first:], v[index, :, first:]) for k, v in self._layers()]
+        return DecodeRows(DynamicCache(layers), mask[:, first:], self.positions[index], self.logits[index])
+
+    def join(self, other: DecodeRows) -> DecodeRows:
+        """These rows, then ``other``'s: the narrower side is padded on the left with masked slots."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(x: torch.Tensor, dim: int) -> torch.Tensor:  # masked slots on the left of ``dim`` up to ``width``
+            shape = list(x.shape)
+            shape[dim] = width - x.shape[dim]
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        layers = [
+            (torch.cat([pad(k1, 2), pad(k2, 2)]), torch.cat([pad(v1, 2), pad(v2, 2)]))
+            for (k1, v1), (k2, v2) in zip(self._layers(), other._layers(), strict=True)
+        ]
+        mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)])
+        return DecodeRows(
+            DynamicCache(layers),
+            mask,
+            torch.cat([self.positions, other.positions]),
+            torch.cat([self.logits, other.logits]),
+        )
+
+
+def sample_next(
     logits: torch.Tensor,
     temperature: torch.Tensor,
     top_p: torch.Tensor,

@@ -30,7 +30,7 @@ from commer.config import DEFAULT_BACKBONE, DEFAULT_K, ComMerConfig
 from commer.data.lamp import bm25_top
 from commer.errors import ConfigError
 from commer.merge import ProfileState, dense_scores, stack_profiles, top_k_profile
-from commer.model import ComMer
+from commer.model import ComMer, DecodeRows
 from commer.text import Collator, Prompt
 
 if TYPE_CHECKING:  # the store sits above serving: named in annotations here, never imported
@@ -175,19 +175,14 @@ class Personalizer:
         if not instructions:
             return
         device = self.model.device
-        prefix, prefix_mask = self.soft_prompts(profiles)
-        ids, mask = self.collator.pad([self.collator.encode_prompt(x) for x in instructions])
         steps = self.model.decode_steps(
-            prefix,
-            prefix_mask,
-            ids.to(device),
-            mask.to(device),
+            *self._prompts(profiles, instructions),
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.collator.pad_id,
             max_new_tokens=max_new_tokens,
             temperature=torch.as_tensor(temperature, dtype=torch.float32),
             top_p=torch.as_tensor(top_p, dtype=torch.float32),
-            generator=_generators(seed, len(instructions), device),
+            generator=sampling_generators(seed, len(instructions), device),
         )
         ended = [False] * len(instructions)
         for step in steps:
@@ -195,8 +190,21 @@ class Personalizer:
             yield [None if e else t for e, t in zip(ended, tokens, strict=True)]
             ended = [e or t == self.tokenizer.eos_token_id for e, t in zip(ended, tokens, strict=True)]
 
+    def prefill(self, profiles: Sequence[ProfileState | None], instructions: Sequence[Prompt]) -> DecodeRows:
+        """Rows ready to decode (each row's first token is picked from ``.logits``): what continuous batching joins
+        to the rows already decoding (``commer.service.worker``)."""
+        return self.model.prefill(*self._prompts(profiles, instructions))
 
-def _generators(
+    def _prompts(
+        self, profiles: Sequence[ProfileState | None], instructions: Sequence[Prompt]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The generator's input for each (profile, instruction): soft prompts and mask, token ids and mask."""
+        prefix, prefix_mask = self.soft_prompts(profiles)
+        ids, mask = self.collator.pad([self.collator.encode_prompt(x) for x in instructions])
+        return prefix, prefix_mask, ids.to(self.model.device), mask.to(self.model.device)
+
+
+def sampling_generators(
     seed: int | Sequence[int | None] | None, rows: int, device: torch.device
 ) -> torch.Generator | list[torch.Generator | None] | None:
     """The sampling generator(s) of ``Personalizer.stream``: one seeded for the batch, or one per row."""

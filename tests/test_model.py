@@ -159,6 +159,39 @@ def test_batched_generation_equals_per_user(backbone):
         assert batched[i, : len(single)].tolist() == single.tolist()
 
 
+def test_rows_joining_and_leaving_decode_as_each_row_alone(backbone):
+    """Continuous batching: rows prefilled apart, joined at different steps (the later one shorter or longer than
+    the running rows) and left behind as others end, decode exactly the greedy tokens each decodes alone; the cache
+    keeps no column that no row reads."""
+    model = _model(backbone)
+    steps = 6
+    alone = [model.generate(_collate(backbone, model, [ex], with_answers=False), eos_token_id=-1, pad_token_id=1,
+                            max_new_tokens=steps)[0].tolist() for ex in EXAMPLES]  # fmt: skip
+
+    def prefill(ex: Example):
+        batch = _collate(backbone, model, [ex], with_answers=False)
+        return model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask)
+
+    rows, tokens, owners, finished = prefill(EXAMPLES[0]), [[]], [0], []
+    for step in range(2 * steps):
+        if step in (2, 3):  # one row joins at step 2, another at step 3
+            rows, owners, tokens = rows.join(prefill(EXAMPLES[step - 1])), owners + [step - 1], tokens + [[]]
+        nxt = rows.logits.argmax(-1)
+        for row, token in zip(tokens, nxt.tolist(), strict=True):
+            row.append(token)
+        finished += [o for o, row in zip(owners, tokens, strict=True) if len(row) == steps]
+        assert [row for o, row in zip(owners, tokens, strict=True) if o in finished] == [
+            alone[o] for o in owners if o in finished
+        ]
+        keep = [i for i, row in enumerate(tokens) if len(row) < steps]
+        if not keep:
+            break
+        rows, owners, tokens = rows.select(keep), [owners[i] for i in keep], [tokens[i] for i in keep]
+        rows = model.advance(rows, nxt[keep])
+        assert bool(rows.mask[:, 0].any())  # no leading column that every row masks
+    assert finished == [0, 1, 2]
+
+
 def test_sampling_is_seeded_and_differs_from_greedy(backbone):
     model = _model(backbone)
     batch = _collate(backbone, model, with_answers=False)

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from commer.backbone import load_backbone
+from commer.merge import ProfileState
 from commer.service.cli import register
-from commer.serving import Personalizer, text_hash
+from commer.serving import Personalizer, bm25_scores, text_hash
 
 DOCS = {
     "alice": ["i love running in the morning", "marathon tomorrow !", "my weekend plan is a run"],
@@ -29,7 +30,9 @@ INSTRUCTION = "what is my plan today ?"
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("service")
     backbone_dir, checkpoint_dir = save_tiny_model(folder)
-    srv = Server(folder, backbone_dir, checkpoint_dir, folder / "profiles.db", "--batch-wait-ms", "20").start()
+    srv = Server(
+        folder, backbone_dir, checkpoint_dir, folder / "profiles.db", "--batch-wait-ms", "20", "--bm25-merge"
+    ).start()
     srv.backbone_dir, srv.checkpoint_dir = backbone_dir, checkpoint_dir
     yield srv
     srv.kill()
@@ -111,6 +114,27 @@ def test_retrieval_merge_over_http(client, personalizer):
     assert answer(merge={"top_k": 1}) == expected
 
 
+def test_bm25_retrieval_merge_over_http(client, personalizer):
+    """``merge.by = "bm25"`` (this server allows it): the mean of the documents whose stored texts BM25 ranks first
+    for the instruction; with every document it is the plain mean."""
+    docs = ["jazz music and coffee", "my plan today is a long run", "rain in the city"]
+    assert add_documents(client, "bea", docs).status_code == 200
+
+    def answer(**merge) -> str:
+        body = {"instruction": INSTRUCTION, "max_new_tokens": 8, "merge": {"by": "bm25", **merge}}
+        r = client.post("/v1/users/bea/generate", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["text"]
+
+    compressions = personalizer.compress(docs)
+    plan = ProfileState.from_compressions(compressions[1:2])  # the only text sharing the instruction's words
+    assert int(bm25_scores(INSTRUCTION, docs).argmax()) == 1
+    [expected] = personalizer.generate([plan], [INSTRUCTION], max_new_tokens=8)
+    assert answer(top_k=1) == expected
+    [mean] = personalizer.generate([ProfileState.from_compressions(compressions)], [INSTRUCTION], max_new_tokens=8)
+    assert answer(top_k=3) == mean
+
+
 def test_generate_streams_deltas_then_done(client):
     add_documents(client, "erin", DOCS["alice"])
     r = client.post("/v1/users/erin/generate", json={"instruction": INSTRUCTION, "max_new_tokens": 6, "stream": True})
@@ -175,7 +199,8 @@ def test_missing_or_wrong_key_is_401(server, headers):
         ("generate", [1, 2], 422, "dictionary"),
         ("generate", {"instruction": "hi", "merge": {"top_k": 0}}, 422, "greater than or equal to 1"),
         ("generate", {"instruction": "hi", "merge": {"top_k": 1025}}, 422, "less than or equal to 1024"),
-        ("generate", {"instruction": "hi", "merge": {"top_k": 2, "by": "x"}}, 422, "extra"),
+        ("generate", {"instruction": "hi", "merge": {"top_k": 2, "by": "x"}}, 422, "'dense' or 'bm25'"),
+        ("generate", {"instruction": "hi", "merge": {"top_k": 2, "k": 1}}, 422, "extra"),
     ],
 )
 def test_bad_input_is_a_clear_4xx(client, path, body, status, message):

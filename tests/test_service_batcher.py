@@ -1,6 +1,6 @@
-"""The model worker on the tiny Llama: a failing row fails alone, tenants are served round-robin, a running batch does
-not make another tenant wait for its end, and the queue is bounded. The worker is held (``held``) while a test queues
-its jobs, so what is scheduled together never depends on thread timing."""
+"""The model worker on the tiny Llama: a failing row fails alone, tenants are served round-robin, a request joins the
+running rows as soon as one leaves instead of waiting for a running batch's end, and the queue is bounded. The worker
+is held (``held``) while a test queues its jobs, so what is scheduled together never depends on thread timing."""
 
 from __future__ import annotations
 
@@ -106,13 +106,13 @@ def test_batches_take_tenants_round_robin(personalizer):
             await _queued(worker, len(jobs))
         assert all(isinstance(result, list) for result in [await _result(job) for job in jobs])
 
-    batches = _run(personalizer, test, max_batch_size=2, max_active_batches=1)
+    batches = _run(personalizer, test, max_batch_size=2)
     assert [b.tenants for b in batches] == [("flood", "quiet"), ("flood", "flood"), ("flood", "flood"), ("flood",)]
 
 
 def test_another_tenant_does_not_wait_for_a_running_batch(personalizer):
-    """While a long batch of one tenant decodes, another tenant's short request decodes beside it (steps interleaved)
-    and ends first."""
+    """While a long batch of one tenant takes every row, another tenant's short request joins the running rows all
+    the same (one forward pass per step for all of them) and ends first."""
 
     async def test(worker: ModelWorker) -> None:
         running, release = threading.Event(), threading.Event()
@@ -137,7 +137,40 @@ def test_another_tenant_does_not_wait_for_a_running_batch(personalizer):
         assert len(await _result(short)) == 2
         assert [len(await _result(job)) for job in long_jobs] == [40, 40]  # (greedy: no early end, whatever the timing)
 
-    assert [b.tenants for b in _run(personalizer, test)] == [("quiet",), ("flood", "flood")]
+    assert [b.tenants for b in _run(personalizer, test, max_batch_size=2)] == [("quiet",), ("flood", "flood")]
+
+
+def test_a_waiting_request_takes_the_row_a_short_answer_frees(personalizer, monkeypatch):
+    """Continuous batching: with room for two rows, a long and a short answer of one tenant decode; its third request
+    takes the short one's row when it ends, and ends long before the long answer, with the tokens it gets alone."""
+    step_rows: list[int] = []  # rows of each decoding step's forward pass
+    advance = personalizer.model.advance
+
+    def recorded(rows, tokens):
+        step_rows.append(rows.size)
+        return advance(rows, tokens)
+
+    async def test(worker: ModelWorker) -> None:
+        alone = _job("a", max_new_tokens=3, instruction="hi")
+        worker.generate(alone)
+        expected = await _result(alone)
+        with held(worker):
+            jobs = [_job("a", max_new_tokens=40), _job("a", max_new_tokens=2), _job("a", max_new_tokens=3)]
+            jobs[2].instruction = "hi"
+            for job in jobs:
+                worker.generate(job)
+            await _queued(worker, 3)
+            step_rows.clear()  # (the worker is held: nothing decodes now)
+        results = [await _result(job) for job in jobs]
+        assert [len(r) for r in results] == [40, 2, 3] and results[2] == expected
+
+    monkeypatch.setattr(personalizer.model, "advance", recorded)
+    batches = _run(personalizer, test, max_batch_size=2)
+    # reported when their last row ends: the alone run; the late row (joined at step 3, ended at step 5); the first two
+    assert [b.tenants for b in batches] == [("a",), ("a",), ("a", "a")]
+    assert [b.steps for b in batches] == [3, 3, 40]
+    # one forward pass per step for all rows: "short" leaves after its 2nd token, "late" joins, leaves after its 3rd
+    assert step_rows == [2, 1, 2, 2] + [1] * 35
 
 
 def test_the_queue_is_bounded_per_tenant_and_in_all(personalizer):

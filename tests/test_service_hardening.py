@@ -73,6 +73,14 @@ def test_a_bad_request_fails_alone_not_its_batch(server, client):
     assert bad.result().status_code == 422 and "top_p" in bad.result().text and "float32" in bad.result().text
 
 
+def test_bm25_merge_is_off_unless_the_operator_allows_it(client):
+    """BM25 ranking reads users' stored texts: a server started without ``--bm25-merge`` refuses it with a 422."""
+    _post(client.base_url, "/v1/users/texts/documents", {"documents": [{"text": t} for t in DOCS]})
+    r = client.post("/v1/users/texts/generate", json={"instruction": "hi", "merge": {"top_k": 1, "by": "bm25"}})
+    assert r.status_code == 422 and "--bm25-merge" in r.text, r.text
+    assert client.post("/v1/users/texts/generate", json={"instruction": "hi", "merge": {"top_k": 1}}).status_code == 200
+
+
 # -- 2: metric labels come from fixed sets --------------------------------------------------------------------------
 def test_made_up_methods_do_not_grow_the_metrics(server, client):
     def series() -> set[str]:

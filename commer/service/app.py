@@ -82,7 +82,6 @@ def create_app(
         on_batch=metrics.on_batch,
         max_queued=limits.max_queued,
         max_queued_per_tenant=limits.max_queued_per_tenant,
-        max_active_batches=limits.max_active_batches,
     )
     metrics.queue_depth.set_function(lambda: worker.queue_depth)
     k, d = personalizer.shape
@@ -224,14 +223,18 @@ def create_app(
     ) -> dict[str, Any] | StreamingResponse:
         """Answer an instruction from the user's profile. ``stream``: server-sent events, ``delta`` events with text
         then one ``done`` event with the whole answer. ``merge.top_k``: retrieval-merge, the mean of only the
-        ``top_k`` documents most relevant to the instruction (O(documents) per request instead of O(1))."""
+        ``top_k`` documents most relevant to the instruction, ranked ``by`` dense similarity or BM25 (O(documents)
+        per request instead of O(1))."""
         profile = await run_in_threadpool(store.get_profile, tenant, user)
         if body.merge is not None and profile.count:
-            compressions, _ = await run_in_threadpool(store.document_compressions, tenant, user)
+            merge = body.merge
+            compressions, texts = await run_in_threadpool(store.document_compressions, tenant, user, merge.by == "bm25")
             if compressions.shape[0]:  # a sum-only profile (imported) has no documents to rank: its mean serves
-                top_k = body.merge.top_k
                 profile = await asyncio.wrap_future(
-                    worker.submit(lambda: personalizer.retrieval_profile(body.instruction, compressions, top_k), tenant)
+                    worker.submit(
+                        lambda: personalizer.retrieval_profile(body.instruction, compressions, merge.top_k, texts),
+                        tenant,
+                    )
                 )
         if generator is not None:
             return await _generate_vllm(body, user, tenant, profile if profile.count else None)

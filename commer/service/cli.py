@@ -41,9 +41,10 @@ _LIMITS = ServiceLimits()
 
 def _limit(name: str):  # noqa: ANN202 - a typer option
     """``commer serve``'s option for a ``ServiceLimits`` field: its default and help from the field."""
-    return typer.Option(
-        getattr(_LIMITS, name), min=0.0 if name == "batch_wait_ms" else 1, help=help_of(ServiceLimits, name)
-    )
+    default = getattr(_LIMITS, name)
+    if isinstance(default, bool):
+        return typer.Option(default, help=help_of(ServiceLimits, name))
+    return typer.Option(default, min=0.0 if name == "batch_wait_ms" else 1, help=help_of(ServiceLimits, name))
 
 
 def served_model(checkpoint: Path | str | None, backbone: str, num_embeddings: int) -> Personalizer:
@@ -105,8 +106,8 @@ def serve(
     max_body_bytes: int = _limit("max_body_bytes"),
     max_queued: int = _limit("max_queued"),
     max_queued_per_tenant: int = _limit("max_queued_per_tenant"),
-    max_active_batches: int = _limit("max_active_batches"),
     max_top_k: int = _limit("max_top_k"),
+    bm25_merge: bool = _limit("bm25_merge"),
     openai_unknown_user: str = typer.Option(
         "plain", help="/v1/chat/completions for a `user` without a profile: 'plain' (unpersonalized) or '404'."
     ),
@@ -137,8 +138,8 @@ def serve(
         max_body_bytes=max_body_bytes,
         max_queued=max_queued,
         max_queued_per_tenant=max_queued_per_tenant,
-        max_active_batches=max_active_batches,
         max_top_k=max_top_k,
+        bm25_merge=bm25_merge,
     )
     remote = None
     if generator == "vllm":

@@ -21,5 +21,9 @@ class ServiceLimits:
     batch_wait_ms: float = setting(5.0, "How long a generation waits for others to batch with.")
     max_queued: int = setting(256, "Most jobs waiting for the model, all tenants together (429 past it).")
     max_queued_per_tenant: int = setting(64, "Most jobs of one tenant waiting for the model (429 past it).")
-    max_active_batches: int = setting(2, "Most batches decoding at once (their steps interleaved).")
     max_top_k: int = setting(1024, "Largest top_k a generate request may ask of retrieval-merge.")
+    bm25_merge: bool = setting(
+        False,
+        "Let retrieval-merge rank a user's documents by BM25 over their stored texts (merge.by = 'bm25'): off unless "
+        "the operator chooses it, since it reads users' texts at every such request.",
+    )

@@ -4,6 +4,7 @@ are built per app (``request_models``); ``strict`` everywhere: "3" is not a numb
 # No ``from __future__ import annotations``: pydantic and FastAPI read these annotations at run time.
 
 from dataclasses import dataclass
+from typing import Literal
 
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -57,10 +58,20 @@ def request_models(limits: ServiceLimits) -> RequestModels:
         documents: list[DocumentIn] = Field(min_length=1, max_length=limits.max_documents_per_request)
 
     class MergeIn(BaseModel):
-        """Retrieval-merge: mean only the ``top_k`` documents most relevant to the instruction (dense ranking)."""
+        """Retrieval-merge: mean only the ``top_k`` documents most relevant to the instruction, ranked ``by`` the
+        cosine of their compressions with the instruction's (``dense``) or BM25 over their stored texts (``bm25``,
+        where the server allows it)."""
 
         model_config = ConfigDict(extra="forbid", strict=True)
         top_k: int = Field(ge=1, le=limits.max_top_k)
+        by: Literal["dense", "bm25"] = "dense"
+
+        @field_validator("by")
+        @classmethod
+        def _by(cls, by: str) -> str:
+            if by == "bm25" and not limits.bm25_merge:
+                raise ValueError("BM25 ranking reads stored texts and is off on this server (serve --bm25-merge)")
+            return by
 
     class GenerateIn(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)

@@ -5,14 +5,18 @@ thread, which hands each row's token ids to its request's asyncio queue with ``l
 
 - **Bounded.** At most ``max_queued`` jobs wait, and at most ``max_queued_per_tenant`` of one tenant; past that
   ``submit`` and ``generate`` raise ``QueueFullError`` (the service answers 429).
-- **Fair.** Tenants are served round-robin: a batch takes the oldest generation of each waiting tenant in turn, and one
-  compression of each tenant runs between two rounds of decoding steps. Up to ``max_active_batches`` batches decode at
-  once, their steps interleaved; a new one takes only tenants with no row decoding, so a tenant's flood delays another
-  tenant's request by one step per step, not by the flood's length.
-- **Isolated.** A generation is checked alone before it joins a batch (its prompt is tokenized and must fit the context,
-  its profile the model's shape, its sampling parameters the bounds in float32, the precision the model samples in).
-  A batch that still fails before its first token is decoded again row by row, so only the row at fault gets the
-  error.
+- **Continuous.** Up to ``max_batch_size`` rows decode together, one forward pass per step; a row leaves as soon as
+  its answer ends and a waiting generation takes its place at the next step (prefilled on its own, then joined to
+  the running rows), so a request never waits for a running batch's longest row.
+- **Fair.** Tenants are served round-robin: free rows go to the oldest generation of each waiting tenant in turn, and
+  one compression of each tenant runs between two decoding steps. A tenant with no row decoding joins at the next
+  step even when every row is taken (up to twice ``max_batch_size``), so one tenant's flood delays another tenant's
+  request by a wider step, not by the flood's length.
+- **Isolated.** A generation is checked alone before it joins (its prompt is tokenized and must fit the context, its
+  profile the model's shape, its sampling parameters the bounds in float32, the precision the model samples in).
+  Generations that still fail while being prefilled or picking their first token are prefilled again one by one, so
+  only the row at fault gets the error; rows decode independently (own cache slots, positions and sampler), so one
+  row never changes another's tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Generator
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -31,7 +35,8 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from commer.merge import ProfileState
-from commer.serving import Personalizer
+from commer.model import DecodeRows, sample_next
+from commer.serving import Personalizer, sampling_generators
 from commer.text import Prompt
 
 log = logging.getLogger("commer.service")
@@ -76,7 +81,7 @@ class GenerationJob:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     seed: int | None = None  # this row's sampling seed (None: the global random source)
-    prompt_length: int = 0
+    prompt_length: int = 0  # the instruction's tokens, set when admitted (usage reports count them)
 
     def send(self, item: Any) -> None:
         if not self.loop.is_closed():
@@ -93,7 +98,8 @@ class _Call:
 
 @dataclass(frozen=True)
 class BatchStats:
-    """Reported after each batch, for metrics: its rows' tenants, decoding steps and wall time."""
+    """Reported for each batch, the generations that joined the running rows together (one prefill), once its last
+    row ends, for metrics: its rows' tenants, decoding steps (its longest answer) and wall time."""
 
     tenants: tuple[str, ...]
     steps: int
@@ -157,27 +163,72 @@ class _TenantQueues(Generic[T]):
 
 
 @dataclass
-class _Batch:
-    """Rows decoding together: ``steps`` yields one token (or ``None``) per row per step."""
+class _Group:
+    """Generations that joined the running rows together: reported as one ``BatchStats`` when its last row ends."""
 
     jobs: list[GenerationJob]
-    steps: Generator[list[int | None], None, None]
-    remaining: list[int]
-    open: list[bool]
+    open: int
     started: float = field(default_factory=time.perf_counter)
-    count: int = 0
+    steps: int = 0
+
+
+@dataclass
+class _Row:
+    """One running generation: its job, its group and how many tokens it may still send."""
+
+    job: GenerationJob
+    group: _Group
+    remaining: int
+    sent: int = 0
+
+
+@dataclass
+class _Running:
+    """The rows decoding now (worker thread only), with each row's next token, picked and not yet sent, and
+    sampling parameters."""
+
+    rows: list[_Row]
+    state: DecodeRows
+    next: torch.Tensor  # (B,)
+    temperature: torch.Tensor  # (B,)
+    top_p: torch.Tensor  # (B,)
+    generators: list[torch.Generator | None]
+
+    def pick(self) -> torch.Tensor:
+        any_seeded = any(g is not None for g in self.generators)
+        return sample_next(self.state.logits, self.temperature, self.top_p, self.generators if any_seeded else None)
+
+    def join(self, other: _Running) -> _Running:
+        return _Running(
+            self.rows + other.rows,
+            self.state.join(other.state),
+            torch.cat([self.next, other.next]),
+            torch.cat([self.temperature, other.temperature]),
+            torch.cat([self.top_p, other.top_p]),
+            self.generators + other.generators,
+        )
+
+    def select(self, keep: list[int]) -> _Running:
+        index = torch.tensor(keep, dtype=torch.long)
+        return _Running(
+            [self.rows[i] for i in keep],
+            self.state.select(keep),
+            self.next[index],
+            self.temperature[index],
+            self.top_p[index],
+            [self.generators[i] for i in keep],
+        )
 
 
 class ModelWorker:
     """Owns the personalizer; ``submit`` / ``generate`` from any thread or event loop.
 
     Args:
-        max_batch_size: most generations decoded together.
-        wait_ms: how long the first request of a batch waits for others to join it (when nothing else decodes).
-        on_batch: called on the worker thread after every batch (metrics).
+        max_batch_size: most generations decoding together (twice that while tenants with no row decoding join).
+        wait_ms: how long a request that finds nothing decoding waits for others to prefill with it.
+        on_batch: called on the worker thread when every row of a batch has ended (metrics).
         max_queued: most jobs waiting for the model, all tenants together.
         max_queued_per_tenant: most jobs of one tenant waiting for the model.
-        max_active_batches: most batches decoding at once (steps interleaved; each holds its own KV cache).
     """
 
     def __init__(
@@ -189,12 +240,11 @@ class ModelWorker:
         *,
         max_queued: int = 256,
         max_queued_per_tenant: int = 64,
-        max_active_batches: int = 2,
     ) -> None:
-        if min(max_batch_size, max_queued, max_queued_per_tenant, max_active_batches) < 1 or wait_ms < 0:
+        if min(max_batch_size, max_queued, max_queued_per_tenant) < 1 or wait_ms < 0:
             raise ValueError(
-                "need wait_ms >= 0 and max_batch_size, max_queued, max_queued_per_tenant, max_active_batches >= 1, "
-                f"got {wait_ms}, {max_batch_size}, {max_queued}, {max_queued_per_tenant}, {max_active_batches}"
+                "need wait_ms >= 0 and max_batch_size, max_queued, max_queued_per_tenant >= 1, "
+                f"got {wait_ms}, {max_batch_size}, {max_queued}, {max_queued_per_tenant}"
             )
         self.personalizer = personalizer
         self.max_batch_size = max_batch_size
@@ -202,13 +252,12 @@ class ModelWorker:
         self.on_batch = on_batch
         self.max_queued = max_queued
         self.max_queued_per_tenant = max_queued_per_tenant
-        self.max_active_batches = max_active_batches
         self.context = personalizer.model.max_length
         self.num_embeddings = personalizer.shape[0]
         self._cond = threading.Condition()  # guards the queues and _stopping
         self._calls: _TenantQueues[_Call] = _TenantQueues()
-        self._jobs: _TenantQueues[GenerationJob] = _TenantQueues()  # not yet in a batch
-        self._active: list[_Batch] = []  # worker thread only
+        self._jobs: _TenantQueues[GenerationJob] = _TenantQueues()  # not yet decoding
+        self._running: _Running | None = None  # worker thread only
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -229,7 +278,7 @@ class ModelWorker:
             self._thread = None
 
     def submit(self, fn: Callable[[], Any], tenant: str = "") -> Future:
-        """Run ``fn()`` on the worker thread (between decoding steps if batches are running)."""
+        """Run ``fn()`` on the worker thread (between decoding steps if rows are decoding)."""
         future: Future = Future()
         self._enqueue(self._calls, tenant, _Call(fn, future))
         return future
@@ -268,14 +317,14 @@ class ModelWorker:
         try:
             while True:
                 with self._cond:
-                    while not (self._stopping or self._calls or self._jobs or self._active):
+                    while not (self._stopping or self._calls or self._jobs or self._running):
                         self._cond.wait()
                     if self._stopping:
                         return
                 self._run_calls()
-                self._start_batches()
-                for batch in list(self._active):
-                    self._step(batch)
+                self._join_waiting()
+                if self._running is not None:
+                    self._step()
         finally:
             with self._cond:
                 self._stopping = True
@@ -298,51 +347,39 @@ class ModelWorker:
             except BaseException as err:  # noqa: BLE001 - the caller gets it
                 call.future.set_exception(err)
 
-    def _start_batches(self) -> None:
-        """Form batches while fewer than ``max_active_batches`` decode, from tenants with no row decoding now."""
-        while len(self._active) < self.max_active_batches:
-            busy = {job.tenant for batch in self._active for job, o in zip(batch.jobs, batch.open, strict=True) if o}
-            jobs = self._form_batch(busy, wait=not self._active)
-            if not jobs:
-                return
-            self._open(jobs)
-
-    def _form_batch(self, busy: set[str], wait: bool) -> list[GenerationJob]:
-        """Round-robin over the tenants not ``busy``: each turn takes a tenant's oldest generation if it is admitted
-        and fits beside the others. ``wait``: give others ``wait_ms`` to join (only when nothing decodes, which the
-        wait would stall)."""
-        batch: list[GenerationJob] = []
-        skip = set(busy)
+    def _join_waiting(self) -> None:
+        """Fill the free rows with waiting generations, round-robin over tenants. When every row is taken, a tenant
+        with no row decoding may still join, up to twice ``max_batch_size`` rows: a tenant's flood never makes
+        another tenant wait for one of its answers to end. ``wait_ms``: when nothing decodes, the first generation
+        waits that long for others to prefill with it (a wait would stall running rows)."""
+        rows = self._running.rows if self._running is not None else []
+        decoding = {row.job.tenant for row in rows}
+        jobs: list[GenerationJob] = []
         deadline = math.inf
-        while len(batch) < self.max_batch_size:
+        while len(rows) + len(jobs) < 2 * self.max_batch_size:
+            full = len(rows) + len(jobs) >= self.max_batch_size
             with self._cond:
-                item = self._jobs.pop(skip)
+                item = self._jobs.pop(skip=decoding | {j.tenant for j in jobs} if full else ())
                 if item is None:
                     remaining = deadline - time.monotonic()
-                    if not (wait and batch) or remaining <= 0 or self._stopping:
+                    if rows or not jobs or remaining <= 0 or self._stopping:
                         break
                     self._cond.wait(remaining)
                     continue
-            tenant, job = item
+            job = item[1]
             if not self._admit(job):
                 continue
-            if batch and not self._fits(batch, job):
-                with self._cond:
-                    self._jobs.push(tenant, job, front=True)  # first in its tenant's turn next time
-                skip.add(tenant)
-                continue
-            if not batch:
+            if not jobs:
                 deadline = time.monotonic() + self.wait_s
-            batch.append(job)
-        return batch
+            jobs.append(job)
+        if jobs:
+            self._prefill(jobs)
 
     def _admit(self, job: GenerationJob) -> bool:
         """Check one generation alone (here, as the tokenizer is not safe to share across threads); an error is sent
         to it and to no other request."""
         if job.cancelled.is_set():
             return False
-        if job.prompt_length:  # admitted before, then deferred
-            return True
         try:
             if job.max_new_tokens < 1:
                 raise RejectedGenerationError(f"max_new_tokens must be >= 1, got {job.max_new_tokens}")
@@ -371,84 +408,83 @@ class ModelWorker:
         job.prompt_length = prompt_length
         return True
 
-    def _fits(self, batch: list[GenerationJob], job: GenerationJob) -> bool:
-        """Rows share one padded prompt width and one step count: the batch's widest prompt plus its longest answer
-        must fit the context."""
-        width = max(job.prompt_length, *(j.prompt_length for j in batch))
-        steps = max(job.max_new_tokens, *(j.max_new_tokens for j in batch))
-        return self.num_embeddings + width + steps <= self.context
-
-    def _open(self, jobs: list[GenerationJob]) -> None:
-        """Start decoding ``jobs`` together (the work happens in ``_step``)."""
-        steps = self.personalizer.stream(
-            [j.profile for j in jobs],
-            [j.instruction for j in jobs],
-            max_new_tokens=max(j.max_new_tokens for j in jobs),
-            temperature=[j.temperature for j in jobs],
-            top_p=[j.top_p for j in jobs],
-            seed=None if all(j.seed is None for j in jobs) else [j.seed for j in jobs],
-        )
-        self._active.append(_Batch(jobs, steps, [j.max_new_tokens for j in jobs], [True] * len(jobs)))
-
-    def _step(self, batch: _Batch) -> None:
-        """One decoding step of ``batch``; a batch that ends leaves ``_active``."""
+    def _prefill(self, jobs: list[GenerationJob]) -> None:
+        """Read ``jobs``' prompts and pick their first tokens, then join them to the running rows. If that fails for
+        several, each is prefilled alone, so that the error reaches only the row at fault."""
+        device = self.personalizer.model.device
         try:
-            step = next(batch.steps, None)
-        except Exception as err:  # noqa: BLE001 - reported to the rows it concerns
-            self._active.remove(batch)
-            rows = [job for job, o in zip(batch.jobs, batch.open, strict=True) if o]
-            if batch.count == 0 and len(rows) > 1:
-                # Nothing was sent yet: decode each row alone, so that the error reaches only the row at fault.
-                log.warning(
-                    "a batch of %d rows failed before its first token (%s): decoding them one by one", len(rows), err
-                )
-                for job in rows:
-                    self._open([job])
-                return
-            self._finish(batch, [(job, err) for job in rows])
-            return
-        ends: list[tuple[GenerationJob, Exception | None]] = []  # rows whose answer ends with this step
-        if step is not None:
-            if batch.count == 0:
-                for job in batch.jobs:
-                    job.send("start")
-            batch.count += 1
-            eos = self.personalizer.tokenizer.eos_token_id
-            for i, (job, token) in enumerate(zip(batch.jobs, step, strict=True)):
-                if not batch.open[i]:
-                    continue
-                if token is not None and not job.cancelled.is_set():
-                    job.send(token)
-                    batch.remaining[i] -= 1
-                if token is None or job.cancelled.is_set() or batch.remaining[i] == 0 or token == eos:
-                    batch.open[i] = False
-                    ends.append((job, None))
-        if step is None or not any(batch.open):
-            self._active.remove(batch)
-            self._finish(batch, ends)
-        else:
-            for job, _ in ends:
-                job.send(None)
-
-    def _finish(self, batch: _Batch, ends: list[tuple[GenerationJob, Exception | None]]) -> None:
-        """Report the batch, then end its rows (``ends``: how, ``None`` for a normal end; rows still open end too),
-        so that a client holding its whole answer finds its batch in the metrics; free the decoding state."""
-        if self.on_batch is not None:
-            self.on_batch(
-                BatchStats(tuple(j.tenant for j in batch.jobs), batch.count, time.perf_counter() - batch.started)
+            state = self.personalizer.prefill([j.profile for j in jobs], [j.instruction for j in jobs])
+            generators = sampling_generators([j.seed for j in jobs], len(jobs), device)
+            new = _Running(
+                [],
+                state,
+                state.logits.new_empty(0),
+                torch.tensor([j.temperature for j in jobs], dtype=torch.float32, device=device),
+                torch.tensor([j.top_p for j in jobs], dtype=torch.float32, device=device),
+                generators,
             )
-        still_open = [(job, None) for job, o in zip(batch.jobs, batch.open, strict=True) if o]
-        for job, end in [*ends, *still_open]:
-            job.send(end)
-        batch.open = [False] * len(batch.jobs)
-        batch.steps.close()  # frees the batch's KV cache now
+            new.next = new.pick()
+        except Exception as err:  # noqa: BLE001 - reported to the rows it concerns
+            if len(jobs) == 1:
+                jobs[0].send(err)
+                return
+            log.warning("%d generations failed to prefill together (%s): prefilling them one by one", len(jobs), err)
+            for job in jobs:
+                self._prefill([job])
+            return
+        group = _Group(jobs, open=len(jobs))
+        new.rows = [_Row(job, group, job.max_new_tokens) for job in jobs]
+        self._running = new if self._running is None else self._running.join(new)
+
+    def _step(self) -> None:
+        """Send every row its picked token, let the rows whose answer ended leave, and decode one step of the rest."""
+        running = self._running
+        eos = self.personalizer.tokenizer.eos_token_id
+        keep: list[int] = []
+        for i, (row, token) in enumerate(zip(running.rows, running.next.tolist(), strict=True)):
+            job = row.job
+            if not job.cancelled.is_set():
+                if row.sent == 0:
+                    job.send("start")
+                job.send(token)
+                row.sent += 1
+                row.remaining -= 1
+            if job.cancelled.is_set() or row.remaining == 0 or token == eos:
+                self._end(row, None)
+            else:
+                keep.append(i)
+        if not keep:
+            self._running = None
+            return
+        if len(keep) < len(running.rows):
+            running = running.select(keep)  # frees the ended rows' KV cache now
+        try:
+            running.state = self.personalizer.model.advance(running.state, running.next)
+            running.next = running.pick()
+        except Exception as err:  # noqa: BLE001 - reported to the rows it concerns
+            log.warning("a decoding step of %d rows failed: %s", len(running.rows), err)
+            for row in running.rows:
+                self._end(row, err)
+            running = None
+        self._running = running
+
+    def _end(self, row: _Row, error: Exception | None) -> None:
+        """End a row (``error``: why, ``None`` for a normal end). Its group is reported first if this is its last
+        row, so that a client holding its whole answer finds its batch in the metrics."""
+        group = row.group
+        group.open -= 1
+        group.steps = max(group.steps, row.sent)
+        if group.open == 0 and self.on_batch is not None:
+            self.on_batch(
+                BatchStats(tuple(j.tenant for j in group.jobs), group.steps, time.perf_counter() - group.started)
+            )
+        row.job.send(error)
 
     def _fail_all(self, err: Exception) -> None:
-        for batch in self._active:
-            for job, is_open in zip(batch.jobs, batch.open, strict=True):
-                if is_open:
-                    job.send(err)
-        self._active.clear()
+        if self._running is not None:
+            for row in self._running.rows:
+                row.job.send(err)
+            self._running = None
         with self._cond:
             calls, jobs = self._calls.drain(), self._jobs.drain()
         for call in calls:
