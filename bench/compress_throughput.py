@@ -4,7 +4,9 @@
 
 Documents are real LaMP-7 profile tweets when ``--data-dir`` (default ../shared/data) has them. The plain forward is
 what a naive compressor would run: the full causal LM, LM head included, on the document tokens. ComMer's compressor
-reads K more positions but skips the LM head. Rounds alternate between the two to spread machine noise evenly.
+reads K more positions but skips the LM head; it runs either through peft's LoRA layers (training's path) or with
+the LoRA merged into a copy of the weights (``ComMer.merged_compressor``: what ``Personalizer.compress`` runs, for
+the store and the service). Rounds alternate between the three to spread machine noise evenly.
 """
 
 from __future__ import annotations
@@ -52,18 +54,26 @@ def main() -> None:
     ]
     n_tokens = sum(int(mask.sum()) for _, mask in batches)
 
+    merged = model.merged_compressor()
+
     def compress() -> None:
         for ids, mask in batches:
             model.compress(ids, mask)
+
+    def compress_merged() -> None:
+        for ids, mask in batches:
+            model.compress(ids, mask, merged)
 
     def plain_forward() -> None:
         for ids, mask in batches:
             model.generator_lm(input_ids=ids, attention_mask=mask.long())
 
-    compress(), plain_forward()  # warm-up
-    times: dict[str, list[float]] = {"compress": [], "plain": []}
+    jobs = {"compress": compress, "merged": compress_merged, "plain": plain_forward}
+    for fn in jobs.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(args.rounds):
-        for name, fn in (("compress", compress), ("plain", plain_forward)):
+        for name, fn in jobs.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -72,11 +82,13 @@ def main() -> None:
     print(f"torch threads {torch.get_num_threads()}, median of {args.rounds} alternating rounds")
     print(f"{'':22}{'docs/s':>10}{'tokens/s':>12}")
     rate = {}
-    for name, label in (("compress", "ComMer compression"), ("plain", "plain forward (LM)")):
+    labels = {"compress": "compression (LoRA)", "merged": "compression (merged)", "plain": "plain forward (LM)"}
+    for name, label in labels.items():
         t = statistics.median(times[name])
         rate[name] = len(docs) / t
         print(f"{label:22}{rate[name]:10.1f}{n_tokens / t:12.0f}")
-    print(f"ratio compression / plain forward: {rate['compress'] / rate['plain']:.2f} (target >= 1.0)")
+    print(f"ratio compression / plain forward: LoRA {rate['compress'] / rate['plain']:.2f}, "
+          f"merged {rate['merged'] / rate['plain']:.2f} (target >= 1.0)")  # fmt: skip
 
 
 if __name__ == "__main__":

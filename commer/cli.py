@@ -289,6 +289,9 @@ def main() -> None:
     (``COMMER_DEBUG=1`` shows the traceback)."""
     import os
 
+    from commer.train import return_freed_memory
+
+    return_freed_memory()
     try:
         app()
     except CommerError as err:

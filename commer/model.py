@@ -11,7 +11,7 @@ The models know nothing about tokenization: they read ``Batch`` tensors (see ``c
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -312,13 +312,35 @@ def without_adapters(module: nn.Module) -> nn.Module:
     holds no weights of its own and follows the original through ``.to()``, ``.half()`` or ``load_state_dict``. Why:
     a disabled adapter is still called on every linear layer; the generator, which never uses the adapter, should pay
     for the plain backbone only."""
+    return _replace_lora(module, lambda layer: layer.get_base_layer())
+
+
+def with_merged_adapters(module: nn.Module) -> nn.Module:
+    """A view of ``module`` in which every peft LoRA wrapper is replaced by a copy of its base layer with the active
+    adapters added into the weight (``W + scale * B @ A``): the same function without the adapter's per-layer calls,
+    for as long as the adapter does not change. The merged weights are new tensors; everything else is shared."""
+    return _replace_lora(module, _merged_linear)
+
+
+def _replace_lora(module: nn.Module, replace: Callable[[LoraLayer], nn.Module]) -> nn.Module:
     if isinstance(module, LoraLayer):
-        return module.get_base_layer()
+        return replace(module)
     view = copy.copy(module)
     view._modules = {
-        name: None if child is None else without_adapters(child) for name, child in module._modules.items()
+        name: None if child is None else _replace_lora(child, replace) for name, child in module._modules.items()
     }
     return view
+
+
+def _merged_linear(layer: LoraLayer) -> nn.Module:
+    base = layer.get_base_layer()
+    weight = base.weight.detach().clone()
+    if not layer.disable_adapters:
+        for name in layer.active_adapters:
+            weight += layer.get_delta_weight(name).to(weight.dtype)
+    merged = copy.copy(base)
+    merged._parameters = {**base._parameters, "weight": nn.Parameter(weight, requires_grad=False)}
+    return merged
 
 
 class Bridge(nn.Module):
@@ -406,11 +428,13 @@ class ComMer(SoftPromptLM):
     def generator_lm(self) -> nn.Module:
         return self.__dict__["_generator_lm"]
 
-    def compress(self, doc_ids: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
+    def compress(self, doc_ids: torch.Tensor, doc_mask: torch.Tensor, lm: nn.Module | None = None) -> torch.Tensor:
         """Compress documents independently.
 
         Args:
             doc_ids, doc_mask: ``(n_docs, L)`` right-padded token ids and their mask.
+            lm: the LM that compresses: default the backbone with its LoRA (what training needs); for inference with a
+                fixed adapter, ``merged_compressor()`` computes the same without the adapter's per-layer calls.
         Returns:
             ``(n_docs, K, D)``: the last layer's hidden states at the K compression slots placed right after each
             document's last real token (so padding never sits between a document and its slots).
@@ -435,12 +459,24 @@ class ComMer(SoftPromptLM):
         embeds = torch.where(is_slot[..., None], slot_embeds, embeds)
         mask = (slot < k).long()  # document tokens and slots; padding after them
         # The decoder alone: the LM head's vocabulary projection would be wasted work here.
-        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        decoder = (lm or self.lm).get_decoder()
+        hidden = decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         index = lengths[:, None] + torch.arange(k, device=doc_ids.device)[None, :]  # (n, K)
         compressions = hidden.gather(1, index[..., None].expand(n_docs, k, d))  # (n, K, D)
         if self.config.compression_norm == "embedding":
             compressions = F.normalize(compressions, dim=-1) * self.token_norm.to(compressions.dtype)
         return compressions
+
+    def merged_compressor(self) -> nn.Module:
+        """The compressor for inference: the backbone with the LoRA merged into a copy of each adapted weight (one more
+        copy of those weights; the embeddings and norms are shared). It does not follow later changes to the LoRA."""
+        return with_merged_adapters(self.lm)
+
+    def lora_version(self) -> tuple[tuple, ...]:
+        """Changes whenever a LoRA weight is replaced or changed in place (an optimizer step, ``load_state_dict``):
+        when a ``merged_compressor()`` must be built again."""
+        lora = [p for n, p in self.peft_model.named_parameters() if "lora_" in n]
+        return tuple((id(p), p._version, p.device, p.dtype) for p in lora)
 
     def soft_prompt(self, merged: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the generator reads for users' merged compressions ``(B, P, D)`` and mask ``(B, P)``: the bridge's

@@ -52,6 +52,7 @@ class Personalizer:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.collator = Collator(tokenizer, model.config, model.max_length)
+        self._compressor: tuple[tuple, torch.nn.Module] | None = None  # (LoRA version, merged compressor)
 
     @classmethod
     def new(cls, backbone: Backbone, config: ComMerConfig | None = None) -> Personalizer:
@@ -129,8 +130,17 @@ class Personalizer:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = self.collator.pad([encoded[i] for i in idx])
-            out[idx] = self.model.compress(ids.to(self.model.device), mask.to(self.model.device)).float().cpu()
+            device = self.model.device
+            out[idx] = self.model.compress(ids.to(device), mask.to(device), self.compressor()).float().cpu()
         return out
+
+    def compressor(self) -> torch.nn.Module:
+        """The LM that ``compress`` runs: the model's LoRA merged into a copy of the adapted weights (no adapter calls
+        per layer), built on first use and again whenever the LoRA has changed since."""
+        version = self.model.lora_version()
+        if self._compressor is None or self._compressor[0] != version:
+            self._compressor = (version, self.model.merged_compressor())
+        return self._compressor[1]
 
     def profile(self, documents: Sequence[str]) -> ProfileState:
         """A new profile holding ``documents`` (an empty list gives an empty profile)."""

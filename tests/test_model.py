@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import perturb_zero_init, tiny_backbone
+from peft.tuners.lora import LoraLayer
 from transformers import LlamaForCausalLM
 
 from commer.batch import Batch
@@ -148,6 +149,37 @@ def test_greedy_decoding_equals_the_adapter_disabled_backbone_without_cache(back
             expected.append(int(nxt))
             embeds = torch.cat([embeds, model.embed(nxt[None, None])], dim=1)
     assert tokens.tolist() == expected
+
+
+def test_merged_compressor_compresses_as_the_adapter_does(backbone):
+    """The LoRA merged into a copy of the weights gives the LoRA'd compressor's output (float32 rounding), with no
+    adapter layer left, the embeddings shared, and the backbone's own weights untouched."""
+    model = _model(backbone)
+    batch = _collate(backbone, model)
+    before = {n: p.clone() for n, p in model.lm.named_parameters()}
+    merged = model.merged_compressor()
+    assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+    assert merged.get_input_embeddings().weight is model.lm.get_input_embeddings().weight
+    with torch.no_grad():
+        expected = model.compress(batch.doc_ids, batch.doc_mask)
+        got = model.compress(batch.doc_ids, batch.doc_mask, merged)
+    assert (expected - got).abs().max() < 1e-4 * expected.abs().max()
+    assert all(torch.equal(before[n], p) for n, p in model.lm.named_parameters())
+
+
+def test_personalizer_compresses_with_the_current_adapter(backbone):
+    """``Personalizer.compress`` runs the merged compressor and builds it again once the LoRA changes in place."""
+    p = Personalizer(_model(backbone), backbone.tokenizer)
+    batch = _collate(backbone, p.model, EXAMPLES[:1])
+    first = p.compress(EXAMPLES[0].documents)
+    with torch.no_grad():
+        assert torch.allclose(first, p.model.compress(batch.doc_ids, batch.doc_mask), atol=1e-4)
+        for name, param in p.model.peft_model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05)
+        expected = p.model.compress(batch.doc_ids, batch.doc_mask)
+    again = p.compress(EXAMPLES[0].documents)
+    assert not torch.allclose(again, first, atol=1e-3) and torch.allclose(again, expected, atol=1e-4)
 
 
 def test_batched_generation_equals_per_user(backbone):

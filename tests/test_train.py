@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from commer.config import ComMerConfig, RunConfig, TrainConfig, load_config
 from commer.errors import ConfigError
 from commer.model import build_model
 from commer.text import Example
-from commer.train import Trainer, contrast_hinge, param_groups
+from commer.train import Trainer, contrast_hinge, contrast_partners, param_groups, return_freed_memory
 
 
 def _examples(n: int, seed: int = 0) -> list[Example]:
@@ -132,6 +133,12 @@ def test_contrast_hinge_is_zero_once_the_margin_is_met():
     torch.testing.assert_close(contrast_hinge(nll, other, n_tokens, 0.1), torch.tensor([0.0, 0.05]))
 
 
+def test_contrast_partners_are_other_users_only():
+    assert contrast_partners(["a", "b", "c"]).tolist() == [2, 0, 1]  # the previous example, cyclically
+    assert contrast_partners(["a", "a", "b"]).tolist() == [2, 2, 1]  # never an example of the same user
+    assert contrast_partners(["a", "a"]).tolist() == [-1, -1]  # one user only: no hinge
+
+
 def _one_step(tmp_path, **train) -> tuple[Trainer, float]:
     torch.manual_seed(0)
     config = RunConfig(
@@ -160,3 +167,8 @@ def test_the_contrast_term_is_the_weighted_mean_hinge_and_trains_the_bridge(tmp_
     assert contrast_loss == pytest.approx(plain_loss + weight * expected_hinge, rel=1e-4)
     # at step 0 the zero-init map is the only way the documents reach the soft prompt: the hinge trains it
     assert not torch.equal(contrast.model.bridge.proj.weight, plain.model.bridge.proj.weight)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_glibc_is_told_to_return_freed_memory():
+    assert return_freed_memory() is True
