@@ -7,7 +7,8 @@ Real LaMP-7 users with at least 8 profile tweets (their top-8 by BM25), at 1, 4 
 of documents it times one batch of ``--users`` requests: ComMer generating from the users' merged soft prompts
 (compressed beforehand, as the profile store keeps them), ComMer compressing the documents first (what a cold start
 costs), and prompt tuning reading the documents as text. Every request decodes exactly ``--new-tokens`` tokens (EOS is
-ignored), so only the prompt differs. Rounds alternate between the three to spread machine noise evenly; medians.
+ignored), so only the prompt differs; the time to the first token (prefill and one step) is timed too, for ComMer and
+prompt tuning. Rounds alternate between the jobs to spread machine noise evenly; medians.
 The models are untrained: latency and token counts do not depend on the weights' values.
 
 Retrieval-merge: one user's profile in a SQLite store (a temporary file) with N stored compressions (random vectors of
@@ -62,6 +63,7 @@ def main() -> None:
     tuning = PromptTuning(backbone, ComMerConfig(method="prompt_tuning", num_embeddings=args.k)).eval()
     collators = {m: Collator(backbone.tokenizer, m.config, m.max_length) for m in (commer, tuning)}
     decoding = {"eos_token_id": -1, "pad_token_id": collators[commer].pad_id, "max_new_tokens": args.new_tokens}
+    first_token = {**decoding, "max_new_tokens": 1}  # the time to the first token: prefill and one step
 
     jobs: dict[tuple[str, int], Callable[[], torch.Tensor]] = {}
     tokens: dict[tuple[str, int], float] = {}
@@ -74,23 +76,28 @@ def main() -> None:
         jobs["commer", n] = lambda b=batch, p=prefix, m=mask: commer.decode(p, m, b.input_ids, b.input_mask, **decoding)
         jobs["commer+compress", n] = lambda b=batch: commer.generate(b, **decoding)
         jobs["prompt tuning", n] = lambda b=pt_batch: tuning.generate(b, **decoding)
+        jobs["commer first", n] = lambda b=batch, p=prefix, m=mask: commer.decode(
+            p, m, b.input_ids, b.input_mask, **first_token
+        )
+        jobs["prompt tuning first", n] = lambda b=pt_batch: tuning.generate(b, **first_token)
         tokens["commer", n] = prompt_cost(collators[commer], examples).generator
         tokens["prompt tuning", n] = prompt_cost(collators[tuning], examples).generator
 
-    def timed(job: Callable[[], torch.Tensor]) -> float:
+    def timed(key: tuple[str, int]) -> float:
         start = time.perf_counter()
         with autocast(commer.device, True):
-            out = job()
-        if out.shape[1] != args.new_tokens:
-            raise RuntimeError(f"decoded {out.shape[1]} tokens, expected {args.new_tokens}: the timings would differ")
+            out = jobs[key]()
+        expected = 1 if key[0].endswith("first") else args.new_tokens
+        if out.shape[1] != expected:
+            raise RuntimeError(f"decoded {out.shape[1]} tokens, expected {expected}: the timings would differ")
         return time.perf_counter() - start
 
-    for job in jobs.values():  # warm-up
-        timed(job)
+    for key in jobs:  # warm-up
+        timed(key)
     times: dict[tuple[str, int], list[float]] = {key: [] for key in jobs}
     for _ in range(args.rounds):
-        for key, job in jobs.items():
-            times[key].append(timed(job))
+        for key in jobs:
+            times[key].append(timed(key))
     median = {key: statistics.median(t) for key, t in times.items()}
 
     print(
@@ -99,12 +106,14 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}, median of {args.rounds} alternating rounds"
     )
     print("generator prompt tokens per request (soft prompt + text prompt) and seconds per batch:")
-    print(" docs | ComMer tok | PT tok | PT/ComMer tok | ComMer s | ComMer+compress s |  PT s | PT/ComMer s")
-    print("------+------------+--------+---------------+----------+-------------------+-------+------------")
+    print(" docs | ComMer tok | PT tok | ComMer s | ComMer+compress s |  PT s | ComMer/PT s | first token: ComMer/PT s")
+    print("------+------------+--------+----------+-------------------+-------+-------------+-------------------------")
     for n in DOCS:
         c, cc, p = median["commer", n], median["commer+compress", n], median["prompt tuning", n]
+        c1, p1 = median["commer first", n], median["prompt tuning first", n]
         ct, pt = tokens["commer", n], tokens["prompt tuning", n]
-        print(f"{n:5} | {ct:10.1f} | {pt:6.1f} | {pt / ct:13.2f} | {c:8.3f} | {cc:17.3f} | {p:5.3f} | {p / c:10.2f}")
+        row = f"{n:5} | {ct:10.1f} | {pt:6.1f} | {c:8.3f} | {cc:17.3f} | {p:5.3f} | {c / p:11.2f}"
+        print(f"{row} | {c1:.3f}/{p1:.3f} = {c1 / p1:.2f}")
     first, last = DOCS[0], DOCS[-1]
     print(
         f"ComMer at {last} vs {first} documents: tokens x{tokens['commer', last] / tokens['commer', first]:.2f}, "
