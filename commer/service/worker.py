@@ -182,6 +182,14 @@ class _Row:
     sent: int = 0
 
 
+def _sample(
+    state: DecodeRows, temperature: torch.Tensor, top_p: torch.Tensor, generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """Each row's next token; rows without a seed draw from the global random source, all at once."""
+    seeded = any(g is not None for g in generators)
+    return sample_next(state.logits, temperature, top_p, generators if seeded else None)
+
+
 @dataclass
 class _Running:
     """The rows decoding now (worker thread only), with each row's next token, picked and not yet sent, and
@@ -195,8 +203,7 @@ class _Running:
     generators: list[torch.Generator | None]
 
     def pick(self) -> torch.Tensor:
-        any_seeded = any(g is not None for g in self.generators)
-        return sample_next(self.state.logits, self.temperature, self.top_p, self.generators if any_seeded else None)
+        return _sample(self.state, self.temperature, self.top_p, self.generators)
 
     def join(self, other: _Running) -> _Running:
         return _Running(
@@ -413,17 +420,11 @@ class ModelWorker:
         several, each is prefilled alone, so that the error reaches only the row at fault."""
         device = self.personalizer.model.device
         try:
-            state = self.personalizer.prefill([j.profile for j in jobs], [j.instruction for j in jobs])
+            temperature = torch.tensor([j.temperature for j in jobs], dtype=torch.float32, device=device)
+            top_p = torch.tensor([j.top_p for j in jobs], dtype=torch.float32, device=device)
             generators = sampling_generators([j.seed for j in jobs], len(jobs), device)
-            new = _Running(
-                [],
-                state,
-                state.logits.new_empty(0),
-                torch.tensor([j.temperature for j in jobs], dtype=torch.float32, device=device),
-                torch.tensor([j.top_p for j in jobs], dtype=torch.float32, device=device),
-                generators,
-            )
-            new.next = new.pick()
+            state = self.personalizer.prefill([j.profile for j in jobs], [j.instruction for j in jobs])
+            first = _sample(state, temperature, top_p, generators)
         except Exception as err:  # noqa: BLE001 - reported to the rows it concerns
             if len(jobs) == 1:
                 jobs[0].send(err)
@@ -433,7 +434,8 @@ class ModelWorker:
                 self._prefill([job])
             return
         group = _Group(jobs, open=len(jobs))
-        new.rows = [_Row(job, group, job.max_new_tokens) for job in jobs]
+        rows = [_Row(job, group, job.max_new_tokens) for job in jobs]
+        new = _Running(rows, state, first, temperature, top_p, generators)
         self._running = new if self._running is None else self._running.join(new)
 
     def _step(self) -> None:
