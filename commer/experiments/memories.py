@@ -69,15 +69,17 @@ def top_k_documents(example: Example, k: int, scores: torch.Tensor) -> Example:
     return Example(example.user_id, [example.documents[i] for i in keep], example.instruction, example.answer)
 
 
-def dense_selection(personalizer: Personalizer, example: Example, k: int) -> Example:
-    """Retrieval-merge by dense relevance: the request compressed as a document, cosine against each compression."""
-    compressions = personalizer.compress([example.instruction, *example.documents])
-    return top_k_documents(example, k, dense_scores(compressions[0], compressions[1:]))
-
-
-def bm25_selection(example: Example, k: int) -> Example:
-    """Retrieval-merge by BM25 of the request over the documents' texts."""
-    return top_k_documents(example, k, bm25_scores(example.instruction, example.documents))
+def dense_relevance(personalizer: Personalizer, examples: Sequence[Example]) -> list[torch.Tensor]:
+    """Each example's ``(n_docs,)`` dense relevance (retrieval-merge's): its request compressed as a document, cosine
+    against each document's compression. All requests and documents are compressed in one call (batched by length)."""
+    texts = [text for e in examples for text in (e.instruction, *e.documents)]
+    compressions = personalizer.compress(texts)
+    scores, start = [], 0
+    for e in examples:
+        own = compressions[start : start + 1 + len(e.documents)]
+        scores.append(dense_scores(own[0], own[1:]))
+        start += 1 + len(e.documents)
+    return scores
 
 
 def score(
@@ -157,9 +159,14 @@ def run_memories(
             methods.append((SUMMARY, "frozen", [with_summary(e, s) for e, s in zip(examples, summaries, strict=True)]))
         if "prompt tuning" in models:
             methods.append((PROMPT_TUNING, "prompt tuning", list(examples)))
+        relevance = {
+            "dense": dense_relevance(personalizer, examples),
+            "bm25": [bm25_scores(e.instruction, e.documents) for e in examples],
+        }
         for k in top_k:
-            methods.append((f"commer-dense-top{k}", "commer", [dense_selection(personalizer, e, k) for e in examples]))
-            methods.append((f"commer-bm25-top{k}", "commer", [bm25_selection(e, k) for e in examples]))
+            for signal, scores in relevance.items():
+                selected = [top_k_documents(e, k, s) for e, s in zip(examples, scores, strict=True)]
+                methods.append((f"commer-{signal}-top{k}", "commer", selected))
         for method, name, variant in methods:
             point = score(method, models[name], collators[name], variant, n, generate_examples, max_new_tokens)
             progress(f"  {method:24} perplexity {point.perplexity:8.3f}  ROUGE-L {point.rougeL:.4f}")
