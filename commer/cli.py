@@ -291,7 +291,8 @@ def main() -> None:
 
     from commer.train import return_freed_memory
 
-    return_freed_memory()
+    if os.environ.get("COMMER_LOW_MEMORY") == "1":  # less resident memory, slower training steps: docs/benchmarks.md
+        return_freed_memory()
     try:
         app()
     except CommerError as err:

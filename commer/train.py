@@ -60,7 +60,9 @@ def return_freed_memory(mmap_threshold: int = 1 << 16) -> bool:
     128 KiB with mmap, then raises that threshold (up to 32 MiB) each time such a block is freed, so later
     activations come from the heap, which fragments and never shrinks: the quickstart's resident memory grew to
     6-7 GB for a 135M-parameter model. A fixed threshold keeps large blocks on mmap, returned to the system when
-    freed (bench/memory_stages.py: 4.6 GB -> 1.4 GB resident after 30 steps)."""
+    freed. The price is a page fault per page of every large tensor: bench/memory_stages.py measured 4.7 -> 1.6 GB
+    resident after 20 training steps, but 6.6 s per step against 4.0, so the ``commer`` command does it only with
+    ``COMMER_LOW_MEMORY=1``."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
