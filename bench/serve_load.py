@@ -75,6 +75,12 @@ def start_server(
     raise SystemExit("server did not start in 300 s")
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (the value at index ``int(q * n)`` of the sorted list); nan when empty."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
 def run_level(url: str, users: int, seconds: float, max_requests: int, max_new_tokens: int) -> dict[str, float]:
     latencies: list[float] = []
     tokens = 0
@@ -110,7 +116,7 @@ def run_level(url: str, users: int, seconds: float, max_requests: int, max_new_t
         "rps": len(latencies) / wall,
         "tokens_per_s": tokens / wall,
         "p50": statistics.median(latencies),
-        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "p99": percentile(latencies, 0.99),
     }
 
 
@@ -145,11 +151,8 @@ def short_during_long(url: str, shorts: int, short_tokens: int, long_users: int,
     for t in threads:
         t.join()
 
-    def p99(x: list[float]) -> float:
-        return x[min(len(x) - 1, int(0.99 * len(x)))]
-
-    return {"idle_p50": statistics.median(idle), "idle_p99": p99(idle),
-            "busy_p50": statistics.median(busy), "busy_p99": p99(busy)}  # fmt: skip
+    return {"idle_p50": statistics.median(idle), "idle_p99": percentile(idle, 0.99),
+            "busy_p50": statistics.median(busy), "busy_p99": percentile(busy, 0.99)}  # fmt: skip
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from serve_load import tiny_backbone_folder
+from serve_load import percentile, tiny_backbone_folder
 
 QUIET, FLOOD = "quiet", "flood"
 WORDS = "i love running in the morning jazz music coffee tea rain city book weekend plan marathon".split()
@@ -198,11 +198,6 @@ def flood(url: str, clients: int, seconds: float, cap: int, results: multiproces
         return tally
 
     results.put(asyncio.run(main()))
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def verify(db: Path, fingerprint: str, shape: tuple[int, int], clients: list[MixedClient]) -> dict[str, int]:
