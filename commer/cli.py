@@ -8,10 +8,8 @@ from pathlib import Path
 
 import typer
 
-from commer.config import DEFAULT_K, ComMerConfig, TrainConfig, help_of
+from commer.config import DEFAULT_K, MEMORIES, QUICKSTART_CONTRAST_WEIGHT, ComMerConfig, TrainConfig, help_of
 from commer.errors import CommerError
-from commer.experiments.memories import MEMORIES
-from commer.quickstart import CONTRAST_WEIGHT
 from commer.service.cli import BACKBONE, CHECKPOINT, K, register
 
 app = typer.Typer(help="ComMer: personalize a frozen LLM with each user's documents.", no_args_is_help=True)
@@ -81,7 +79,7 @@ def quickstart(
     finetune_steps: int = typer.Option(80),
     batch_size: int = typer.Option(8),
     lr_lora: float = typer.Option(1e-3, help="LoRA learning rate."),
-    contrast_weight: float = typer.Option(CONTRAST_WEIGHT, help=help_of(TrainConfig, "contrast_weight")),
+    contrast_weight: float = typer.Option(QUICKSTART_CONTRAST_WEIGHT, help=help_of(TrainConfig, "contrast_weight")),
     test_users: int = typer.Option(64),
 ) -> None:
     """Fine-tune the shipped compressor on LaMP-7 (or the recall probe) and show on held-out users whether

@@ -19,7 +19,15 @@ import typer
 
 from commer.backbone import load_backbone
 from commer.checkpoint import PRETRAINED, load_checkpoint, resolve_checkpoint
-from commer.config import DEFAULT_BACKBONE, DEFAULT_K, ComMerConfig, DataConfig, RunConfig, TrainConfig
+from commer.config import (
+    DEFAULT_BACKBONE,
+    DEFAULT_K,
+    QUICKSTART_CONTRAST_WEIGHT,
+    ComMerConfig,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+)
 from commer.data.tasks import load_splits
 from commer.errors import ConfigError
 from commer.evaluate import NONE, OTHER, OWN, copy_input, document_variants, generate, perplexity
@@ -27,9 +35,6 @@ from commer.model import ComMer
 from commer.text import Collator
 from commer.train import run as train_run
 
-# The personalization hinge's weight, chosen on LaMP-7 validation users (docs/results.md, session 3): 0, 1 and 3 gave
-# own vs another user's documents 1.1%, 2.9% and 3.8% apart (own-document perplexity 16.77, 16.67, 17.62).
-CONTRAST_WEIGHT = 3.0
 # Differences under 1% in perplexity are within what another seed or another 64 users would change.
 MARGIN = 0.01
 
@@ -70,7 +75,7 @@ def quickstart(
     finetune_steps: int = 80,
     batch_size: int = 8,
     lr_lora: float = 1e-3,
-    contrast_weight: float = CONTRAST_WEIGHT,
+    contrast_weight: float = QUICKSTART_CONTRAST_WEIGHT,
     val_users: int = 48,
     test_users: int = 64,
     show: int = 4,

@@ -127,11 +127,11 @@ class Personalizer:
         # Sorting by length keeps padding (wasted compute) small; results go back to input order.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         out = torch.empty(len(encoded), *self.shape)
+        device, compressor = self.model.device, self.compressor()
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = self.collator.pad([encoded[i] for i in idx])
-            device = self.model.device
-            out[idx] = self.model.compress(ids.to(device), mask.to(device), self.compressor()).float().cpu()
+            out[idx] = self.model.compress(ids.to(device), mask.to(device), compressor).float().cpu()
         return out
 
     def compressor(self) -> torch.nn.Module:

@@ -290,6 +290,8 @@ class Trainer:
         step_loss, tokens = 0.0, 0
         for j, batch in enumerate(batches):
             partners = contrast_partners([self.train_examples[i].user_id for i in micro[j]]) if contrast else None
+            if partners is not None and not bool((partners >= 0).any()):
+                partners = None  # one user only: no hinge, so no second pass through the generator
             # Gradients are all-reduced once per step, in the last micro batch's backward.
             with contextlib.nullcontext() if j == len(batches) - 1 else acc.no_sync(self.loss_module):
                 with autocast(device, cfg.bf16):

@@ -26,7 +26,7 @@ import torch
 
 from commer.backbone import load_backbone
 from commer.checkpoint import load_checkpoint
-from commer.config import ComMerConfig
+from commer.config import MEMORIES, ComMerConfig
 from commer.data.splits import SPLITS
 from commer.data.tasks import load_splits
 from commer.errors import ConfigError
@@ -38,7 +38,6 @@ from commer.serving import Personalizer, bm25_scores
 from commer.summary import summarize, with_summary
 from commer.text import Collator, Example, documents_as_text
 
-MEMORIES = (1, 2, 4, 8, 16)
 NO_DOCS, TEXT, SUMMARY, PROMPT_TUNING, MEAN = (
     "no documents",
     "documents as text",
