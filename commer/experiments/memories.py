@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -141,6 +141,9 @@ def run_memories(
     personalizer = Personalizer(commer, frozen_backbone.tokenizer)
 
     points: list[Point] = []
+    # Identical inputs score identically (greedy answers): "no documents" is the same at every n, and a retrieval-merge
+    # with k >= n keeps every memory in order, i.e. it is the mean. Each is evaluated once.
+    scored: dict[tuple, Point] = {}
     for n in memories:
         # No length filter: the same questions at every n (the longest prompts are the documents-as-text ones).
         examples = load_splits(task, data_dir, n, seed, max_chars=10**9)[0][split][:max_examples]
@@ -167,7 +170,11 @@ def run_memories(
                 selected = [top_k_documents(e, k, s) for e, s in zip(examples, scores, strict=True)]
                 methods.append((f"commer-{signal}-top{k}", "commer", selected))
         for method, name, variant in methods:
-            point = score(method, models[name], collators[name], variant, n, generate_examples, max_new_tokens)
+            key = (name, tuple((tuple(e.documents), e.instruction, e.answer) for e in variant))
+            if key not in scored:
+                model, collator = models[name], collators[name]
+                scored[key] = score(method, model, collator, variant, n, generate_examples, max_new_tokens)
+            point = replace(scored[key], method=method, memories=n)
             progress(f"  {method:24} perplexity {point.perplexity:8.3f}  ROUGE-L {point.rougeL:.4f}")
             points.append(point)
 
