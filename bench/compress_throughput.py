@@ -6,7 +6,9 @@ Documents are real LaMP-7 profile tweets when ``--data-dir`` (default ../shared/
 what a naive compressor would run: the full causal LM, LM head included, on the document tokens. ComMer's compressor
 reads K more positions but skips the LM head; it runs either through peft's LoRA layers (training's path) or with
 the LoRA merged into a copy of the weights (``ComMer.merged_compressor``: what ``Personalizer.compress`` runs, for
-the store and the service). Rounds alternate between the three to spread machine noise evenly.
+the store and the service), in float32 and under bfloat16 autocast (``Personalizer(bf16_compress=True)``, ``commer
+serve --bf16-compress``) when the CPU has native bf16; the plain forward runs both ways too. Rounds alternate between
+the jobs to spread machine noise evenly.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from commer.backbone import load_backbone
 from commer.config import ComMerConfig
+from commer.evaluate import autocast, bf16_supported
 from commer.model import ComMer
 from commer.text import Collator
 
@@ -68,7 +72,20 @@ def main() -> None:
         for ids, mask in batches:
             model.generator_lm(input_ids=ids, attention_mask=mask.long())
 
+    def in_bf16(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            with autocast(cpu, True):
+                fn()
+
+        return run
+
+    cpu = torch.device("cpu")
     jobs = {"compress": compress, "merged": compress_merged, "plain": plain_forward}
+    labels = {"compress": "compression (LoRA)", "merged": "compression (merged)", "plain": "plain forward (LM)"}
+    bf16 = bf16_supported(cpu)
+    if bf16:
+        jobs |= {"merged_bf16": in_bf16(compress_merged), "plain_bf16": in_bf16(plain_forward)}
+        labels |= {"merged_bf16": "compression (merged, bf16)", "plain_bf16": "plain forward (LM, bf16)"}
     for fn in jobs.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {name: [] for name in jobs}
@@ -80,15 +97,17 @@ def main() -> None:
 
     print(f"backbone {args.backbone}, K={args.k}, batch {args.batch_size}, {len(docs)} documents, {n_tokens} tokens, ")
     print(f"torch threads {torch.get_num_threads()}, median of {args.rounds} alternating rounds")
-    print(f"{'':22}{'docs/s':>10}{'tokens/s':>12}")
+    print(f"{'':28}{'docs/s':>10}{'tokens/s':>12}")
     rate = {}
-    labels = {"compress": "compression (LoRA)", "merged": "compression (merged)", "plain": "plain forward (LM)"}
     for name, label in labels.items():
         t = statistics.median(times[name])
         rate[name] = len(docs) / t
-        print(f"{label:22}{rate[name]:10.1f}{n_tokens / t:12.0f}")
-    print(f"ratio compression / plain forward: LoRA {rate['compress'] / rate['plain']:.2f}, "
+        print(f"{label:28}{rate[name]:10.1f}{n_tokens / t:12.0f}")
+    print(f"ratio compression / plain forward (float32): LoRA {rate['compress'] / rate['plain']:.2f}, "
           f"merged {rate['merged'] / rate['plain']:.2f} (target >= 1.0)")  # fmt: skip
+    if bf16:
+        print(f"merged bf16 compression / plain forward: float32 {rate['merged_bf16'] / rate['plain']:.2f}, "
+              f"bf16 {rate['merged_bf16'] / rate['plain_bf16']:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

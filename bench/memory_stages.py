@@ -1,14 +1,16 @@
 """Where the quickstart's memory goes: resident set size (now and peak) after each stage of a fine-tuning run.
 
-    python bench/memory_stages.py [--steps 3] [--glibc-default]
+    python bench/memory_stages.py [--steps 3] [--glibc-default [--trim]]
 
 Loads the embedded backbone and the shipped compressor, reads LaMP-7 (two BM25 documents per user), scores 16 test
 users, then takes ``--steps`` training steps of 4 examples under bfloat16 autocast, printing RSS after each stage (and
-after every tenth step past the third) and the mean time of a step. Like the ``commer`` command, it first makes glibc
-return freed memory (``commer.train.return_freed_memory``); ``--glibc-default`` keeps the allocator's defaults.
+after every tenth step past the third) and the mean time of a step. Like ``COMMER_LOW_MEMORY=1 commer``, it first
+makes glibc return freed memory (``commer.train.return_freed_memory``); ``--glibc-default`` keeps the allocator's defaults, and
+``--trim`` adds ``malloc_trim(0)`` after every step (docs/benchmarks.md, session 5).
 """
 
 import argparse
+import ctypes
 import resource
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--glibc-default", action="store_true", help="Leave glibc's allocator settings as they are.")
+    parser.add_argument("--trim", action="store_true", help="With --glibc-default: malloc_trim(0) after every step.")
     args = parser.parse_args()
     if not args.glibc_default:
         return_freed_memory()
@@ -57,6 +60,8 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if args.trim:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         if i < 3 or i % 10 == 9:
             rss(f"train step {i}")
     print(f"{(time.perf_counter() - start) / args.steps:.2f} s per training step")

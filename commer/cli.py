@@ -10,7 +10,7 @@ import typer
 
 from commer.config import DEFAULT_K, MEMORIES, QUICKSTART_CONTRAST_WEIGHT, ComMerConfig, TrainConfig, help_of
 from commer.errors import CommerError
-from commer.service.cli import BACKBONE, CHECKPOINT, K, register
+from commer.service.cli import BACKBONE, BF16_COMPRESS, CHECKPOINT, K, register
 
 app = typer.Typer(help="ComMer: personalize a frozen LLM with each user's documents.", no_args_is_help=True)
 
@@ -184,6 +184,7 @@ def compress_corpus(
     checkpoint: str | None = CHECKPOINT,
     backbone: str = BACKBONE,
     num_embeddings: int = K,
+    bf16_compress: bool = BF16_COMPRESS,
     engine: str = typer.Option("local", help="'local' (this process) or 'ray' (Ray Data on a cluster)."),
     address: str | None = typer.Option(None, help="Ray cluster address (default: a new local cluster)."),
     workers: int = typer.Option(2, min=1, help="Model replicas (Ray); each takes one GPU when the cluster has GPUs."),
@@ -202,7 +203,7 @@ def compress_corpus(
     summary = run_corpus(
         input_path,
         output,
-        ModelSpec(checkpoint, backbone, num_embeddings),
+        ModelSpec(checkpoint, backbone, num_embeddings, bf16_compress),
         Columns(user_column, text_column, id_column),
         engine=engine,
         per_document=per_document,

@@ -12,6 +12,7 @@ from transformers import LlamaForCausalLM
 
 from commer.batch import Batch
 from commer.config import ComMerConfig
+from commer.evaluate import bf16_supported
 from commer.merge import stack_profiles
 from commer.model import ComMer, PromptTuning
 from commer.serving import Personalizer
@@ -180,6 +181,17 @@ def test_personalizer_compresses_with_the_current_adapter(backbone):
         expected = p.model.compress(batch.doc_ids, batch.doc_mask)
     again = p.compress(EXAMPLES[0].documents)
     assert not torch.allclose(again, first, atol=1e-3) and torch.allclose(again, expected, atol=1e-4)
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bfloat16")
+def test_bf16_compression_is_float32_within_bf16_rounding(backbone):
+    """``bf16_compress`` runs the compressor under bfloat16 autocast: not float32's numbers, but close to them."""
+    model = _model(backbone)
+    docs = [d for ex in EXAMPLES for d in ex.documents]
+    full = Personalizer(model, backbone.tokenizer).compress(docs)
+    half = Personalizer(model, backbone.tokenizer, bf16_compress=True).compress(docs)
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    assert (half - full).norm() < 0.03 * full.norm()
 
 
 def test_batched_generation_equals_per_user(backbone):

@@ -81,6 +81,24 @@ def test_bm25_merge_is_off_unless_the_operator_allows_it(client):
     assert client.post("/v1/users/texts/generate", json={"instruction": "hi", "merge": {"top_k": 1}}).status_code == 200
 
 
+def test_bm25_ranking_does_not_wait_behind_the_model(tmp_path):
+    """BM25 ranks stored texts with no model: while the model worker is busy, a BM25 request is ranked at once and
+    only its generation waits; a dense request waits to be ranked (its instruction is compressed by the model)."""
+    srv = AppServer(tmp_path, ServiceLimits(batch_wait_ms=20, bm25_merge=True)).start()
+    try:
+        _post(srv.url, "/v1/users/ranked/documents", {"documents": [{"text": t} for t in DOCS]})
+        for by, waiting in (("bm25", "generation"), ("dense", "ranking")):
+            body = {"instruction": INSTRUCTION, "max_new_tokens": 2, "merge": {"top_k": 1, "by": by}}
+            with ThreadPoolExecutor(1) as pool, held(srv.worker):
+                answer = pool.submit(_post, srv.url, "/v1/users/ranked/generate", body)
+                wait_for(lambda: srv.worker.queue_depth == 1, f"the {by} request to wait for the model")
+                queued = "generation" if len(srv.worker._jobs) else "ranking"
+            assert queued == waiting, by
+            assert answer.result().status_code == 200, answer.result().text
+    finally:
+        srv.stop()
+
+
 # -- 2: metric labels come from fixed sets --------------------------------------------------------------------------
 def test_made_up_methods_do_not_grow_the_metrics(server, client):
     def series() -> set[str]:

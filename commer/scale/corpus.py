@@ -47,6 +47,7 @@ class ModelSpec:
     checkpoint: str | None = None
     backbone: str = DEFAULT_BACKBONE
     num_embeddings: int = DEFAULT_K  # K of an untrained model; a checkpoint brings its own
+    bf16_compress: bool = False  # see commer.serving.Personalizer
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,9 @@ class _Compressor:
         if threads is not None:
             # A worker given N CPUs by Ray must not run torch on all of the node's cores.
             torch.set_num_threads(threads)
-        self.personalizer = load_personalizer(model.checkpoint, model.backbone, model.num_embeddings)
+        self.personalizer = load_personalizer(
+            model.checkpoint, model.backbone, model.num_embeddings, model.bf16_compress
+        )
         if torch.cuda.is_available():  # Ray only shows a worker the GPU it was given
             self.personalizer.model.to("cuda")
         self.fingerprint = model_fingerprint(self.personalizer.model)

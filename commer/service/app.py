@@ -35,7 +35,7 @@ from commer.service.worker import (
     QueueFullError,
     RejectedGenerationError,
 )
-from commer.serving import Personalizer, plan_add
+from commer.serving import Personalizer, bm25_profile, plan_add
 from commer.store import (
     CorruptProfileError,
     DocumentConflictError,
@@ -229,11 +229,13 @@ def create_app(
         if body.merge is not None and profile.count:
             merge = body.merge
             compressions, texts = await run_in_threadpool(store.document_compressions, tenant, user, merge.by == "bm25")
-            if compressions.shape[0]:  # a sum-only profile (imported) has no documents to rank: its mean serves
+            # a sum-only profile (imported) has no documents to rank: its mean serves
+            if compressions.shape[0] and texts is not None:  # no model in text ranking: it never waits behind decoding
+                profile = await run_in_threadpool(bm25_profile, body.instruction, compressions, texts, merge.top_k)
+            elif compressions.shape[0]:  # dense: the request is compressed by the model, on its worker
                 profile = await asyncio.wrap_future(
                     worker.submit(
-                        lambda: personalizer.retrieval_profile(body.instruction, compressions, merge.top_k, texts),
-                        tenant,
+                        lambda: personalizer.retrieval_profile(body.instruction, compressions, merge.top_k), tenant
                     )
                 )
         if generator is not None:

@@ -34,6 +34,9 @@ CHECKPOINT = typer.Option(
 )
 BACKBONE = typer.Option(DEFAULT_BACKBONE, help="Backbone: 'smollm2-135m', a local model folder or a hub id.")
 K = typer.Option(DEFAULT_K, "--k", help=help_of(ComMerConfig, "num_embeddings") + " Untrained model only.")
+BF16_COMPRESS = typer.Option(
+    False, help="Compress documents under bfloat16 autocast where the CPU or GPU has it (2-3x faster on AMX)."
+)
 _DB = typer.Option(DEFAULT_DB, help="SQLite database of the profiles.")
 _TENANT = typer.Option("default", help="Tenant the user belongs to.")
 _LIMITS = ServiceLimits()
@@ -47,7 +50,9 @@ def _limit(name: str):  # noqa: ANN202 - a typer option
     return typer.Option(default, min=0.0 if name == "batch_wait_ms" else 1, help=help_of(ServiceLimits, name))
 
 
-def served_model(checkpoint: Path | str | None, backbone: str, num_embeddings: int) -> Personalizer:
+def served_model(
+    checkpoint: Path | str | None, backbone: str, num_embeddings: int, bf16_compress: bool = False
+) -> Personalizer:
     """``commer.serving.load_personalizer`` from the shared options, warning when the model is untrained."""
     from commer.serving import load_personalizer
 
@@ -57,7 +62,7 @@ def served_model(checkpoint: Path | str | None, backbone: str, num_embeddings: i
             fg=typer.colors.YELLOW,
             err=True,
         )
-    return _or_exit(load_personalizer, checkpoint, backbone, num_embeddings)
+    return _or_exit(load_personalizer, checkpoint, backbone, num_embeddings, bf16_compress)
 
 
 def open_store(db: Path, personalizer: Personalizer) -> ProfileStore:
@@ -108,6 +113,7 @@ def serve(
     max_queued_per_tenant: int = _limit("max_queued_per_tenant"),
     max_top_k: int = _limit("max_top_k"),
     bm25_merge: bool = _limit("bm25_merge"),
+    bf16_compress: bool = BF16_COMPRESS,
     openai_unknown_user: str = typer.Option(
         "plain", help="/v1/chat/completions for a `user` without a profile: 'plain' (unpersonalized) or '404'."
     ),
@@ -126,7 +132,7 @@ def serve(
     if generator == "vllm" and not vllm_url:
         raise typer.BadParameter("--generator vllm needs --vllm-url, e.g. http://127.0.0.1:8001")
     keys = read_api_keys(api_keys)
-    personalizer = served_model(checkpoint, backbone, num_embeddings)
+    personalizer = served_model(checkpoint, backbone, num_embeddings, bf16_compress)
     store = open_store(db, personalizer)
     limits = ServiceLimits(
         max_batch_size=max_batch_size,
