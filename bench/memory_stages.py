@@ -5,8 +5,8 @@
 Loads the embedded backbone and the shipped compressor, reads LaMP-7 (two BM25 documents per user), scores 16 test
 users, then takes ``--steps`` training steps of 4 examples under bfloat16 autocast, printing RSS after each stage (and
 after every tenth step past the third) and the mean time of a step. Like ``COMMER_LOW_MEMORY=1 commer``, it first
-makes glibc return freed memory (``commer.train.return_freed_memory``); ``--glibc-default`` keeps the allocator's defaults, and
-``--trim`` adds ``malloc_trim(0)`` after every step (docs/benchmarks.md, session 5).
+makes glibc return freed memory (``commer.train.return_freed_memory``); ``--glibc-default`` keeps the allocator's
+defaults, and ``--trim`` adds ``malloc_trim(0)`` after every step (docs/benchmarks.md, session 5).
 """
 
 import argparse
