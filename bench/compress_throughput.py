@@ -72,6 +72,8 @@ def main() -> None:
         for ids, mask in batches:
             model.generator_lm(input_ids=ids, attention_mask=mask.long())
 
+    cpu = torch.device("cpu")
+
     def in_bf16(fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             with autocast(cpu, True):
@@ -79,7 +81,6 @@ def main() -> None:
 
         return run
 
-    cpu = torch.device("cpu")
     jobs = {"compress": compress, "merged": compress_merged, "plain": plain_forward}
     labels = {"compress": "compression (LoRA)", "merged": "compression (merged)", "plain": "plain forward (LM)"}
     bf16 = bf16_supported(cpu)

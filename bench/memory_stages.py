@@ -40,6 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.glibc_default:
         return_freed_memory()
+    libc = ctypes.CDLL("libc.so.6") if args.trim else None
     rss("start")
     bb = load_backbone()
     rss("backbone")
@@ -60,8 +61,8 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if args.trim:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        if libc is not None:
+            libc.malloc_trim(0)
         if i < 3 or i % 10 == 9:
             rss(f"train step {i}")
     print(f"{(time.perf_counter() - start) / args.steps:.2f} s per training step")

@@ -229,15 +229,15 @@ def create_app(
         if body.merge is not None and profile.count:
             merge = body.merge
             compressions, texts = await run_in_threadpool(store.document_compressions, tenant, user, merge.by == "bm25")
-            # a sum-only profile (imported) has no documents to rank: its mean serves
-            if compressions.shape[0] and texts is not None:  # no model in text ranking: it never waits behind decoding
-                profile = await run_in_threadpool(bm25_profile, body.instruction, compressions, texts, merge.top_k)
-            elif compressions.shape[0]:  # dense: the request is compressed by the model, on its worker
-                profile = await asyncio.wrap_future(
-                    worker.submit(
-                        lambda: personalizer.retrieval_profile(body.instruction, compressions, merge.top_k), tenant
+            if compressions.shape[0]:  # a sum-only profile (imported) has no documents to rank: its mean serves
+                if texts is not None:  # no model in text ranking: it never waits behind decoding
+                    profile = await run_in_threadpool(bm25_profile, body.instruction, compressions, texts, merge.top_k)
+                else:  # dense: the request is compressed by the model, on its worker
+                    profile = await asyncio.wrap_future(
+                        worker.submit(
+                            lambda: personalizer.retrieval_profile(body.instruction, compressions, merge.top_k), tenant
+                        )
                     )
-                )
         if generator is not None:
             return await _generate_vllm(body, user, tenant, profile if profile.count else None)
         job = GenerationJob(
