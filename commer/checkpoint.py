@@ -100,16 +100,16 @@ def _check_backbone(meta: dict[str, Any], path: str | Path, name: str, fingerpri
 STRUCTURE_FIELDS = ("method", "num_embeddings", "lora_r", "lora_target_modules", "bridge")
 
 
-def load_trainable(model: SoftPromptLM, path: str | Path) -> dict[str, Any]:
+def load_trainable(model: SoftPromptLM, path: str | Path, fresh_bridge: bool = False) -> dict[str, Any]:
     """Copy a checkpoint's trainable tensors into ``model`` (same backbone, method, K, LoRA rank, bridge); returns
-    its meta."""
+    its meta. ``fresh_bridge``: the bridges may differ, and the model keeps its own (zero-output) bridge map; the task
+    prompt, compression embeddings and LoRA are copied."""
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     _check_backbone(meta, path, model.backbone_name, model.backbone_fingerprint)
     saved, own_config = meta["config"], model.config.to_dict()
-    differ = [
-        f"{f}={saved.get(f)!r} (model: {own_config[f]!r})" for f in STRUCTURE_FIELDS if saved.get(f) != own_config[f]
-    ]
+    fields = [f for f in STRUCTURE_FIELDS if not (fresh_bridge and f == "bridge")]
+    differ = [f"{f}={saved.get(f)!r} (model: {own_config[f]!r})" for f in fields if saved.get(f) != own_config[f]]
     if differ:
         raise CheckpointError(f"checkpoint {path} was trained with {', '.join(differ)}: set the model to match")
     try:
@@ -117,6 +117,13 @@ def load_trainable(model: SoftPromptLM, path: str | Path) -> dict[str, Any]:
     except SafetensorError as err:
         raise CheckpointError(f"{path / WEIGHTS} is damaged: {err}") from err
     own = model.trainable_state()
+    if fresh_bridge:  # the model keeps its own bridge map (proj, gate or mlp); the task prompt is copied
+        if "bridge.task_prompt" not in own or "bridge.task_prompt" not in state:
+            raise CheckpointError(f"fresh_bridge needs a bridge with a task prompt in the model and in {path}")
+        own, state = (
+            {n: t for n, t in d.items() if not n.startswith("bridge.") or n == "bridge.task_prompt"}
+            for d in (own, state)
+        )
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")

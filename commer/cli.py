@@ -8,7 +8,15 @@ from pathlib import Path
 
 import typer
 
-from commer.config import DEFAULT_K, MEMORIES, QUICKSTART_CONTRAST_WEIGHT, ComMerConfig, TrainConfig, help_of
+from commer.config import (
+    DEFAULT_BRIDGE,
+    DEFAULT_K,
+    MEMORIES,
+    QUICKSTART_CONTRAST_WEIGHT,
+    ComMerConfig,
+    TrainConfig,
+    help_of,
+)
 from commer.errors import CommerError
 from commer.service.cli import BACKBONE, BF16_COMPRESS, CHECKPOINT, K, register
 
@@ -73,7 +81,7 @@ def quickstart(
     ),
     k: int = typer.Option(DEFAULT_K, help=help_of(ComMerConfig, "num_embeddings") + " --init none only."),
     compression_norm: str = typer.Option("none", help=help_of(ComMerConfig, "compression_norm") + " --init none only."),
-    bridge: str = typer.Option("linear", help=help_of(ComMerConfig, "bridge") + " --init none only."),
+    bridge: str = typer.Option(DEFAULT_BRIDGE, help=help_of(ComMerConfig, "bridge") + " --init none only."),
     n_docs: int = typer.Option(2, help="Documents per user (LaMP-7: the top-n by BM25)."),
     pretrain_steps: int = typer.Option(0, help="FineWeb auto-encoding steps before fine-tuning."),
     finetune_steps: int = typer.Option(80),

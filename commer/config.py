@@ -25,6 +25,10 @@ CompressionNorm = Literal["none", "embedding"]
 Bridge = Literal["none", "linear", "gate", "mlp"]
 BRIDGES = ("none", "linear", "gate", "mlp")
 DEFAULT_K = 16  # compression embeddings per document: the one default of K, everywhere
+# A new model's bridge: the one that measured best trained from scratch (recall probe, validation users:
+# docs/results.md, session 5). A checkpoint keeps its own; the shipped compressor's is "linear" (session 6: moving it
+# to "mlp" with 500 more pretraining steps did not beat it on validation users).
+DEFAULT_BRIDGE: Bridge = "mlp"
 DEFAULT_BACKBONE = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct (commer.backbone)
 # The quickstart's personalization-hinge weight, chosen on LaMP-7 validation users (docs/results.md, session 3): 0, 1
 # and 3 gave own vs another user's documents 1.1%, 2.9% and 3.8% apart (own-document perplexity 16.77, 16.67, 17.62).
@@ -97,7 +101,7 @@ class ComMerConfig:
     # prompt, and the personal part grows from the first step. The bridge maps the merged mean, so the store keeps
     # raw sums and O(1) updates stay exact.
     bridge: Bridge = setting(
-        "linear",
+        DEFAULT_BRIDGE,
         "How merged compressions become the soft prompt (commer.model.Bridge): 'none' the raw states (the paper); "
         "'linear' task_prompt + W @ merged, W zero-init; 'gate' task_prompt + g * merged, g zero-init; 'mlp' "
         "task_prompt + MLP(merged), output layer zero-init.",
@@ -131,7 +135,7 @@ class DataConfig:
     """Which examples to train on (see ``commer.data.tasks``)."""
 
     task: str = setting(
-        "lamp7", "One of commer.data.tasks.TASKS: lamp7, news, perltqa, pretrain, pretrain-mix, recall."
+        "lamp7", "One of commer.data.tasks.TASKS: lamp7, news, perltqa, pretrain, pretrain-mix(-lm), recall."
     )
     data_dir: str | None = setting(None, "The data folder (default: ../shared/data when it exists, else $COMMER_DATA).")
     n_docs: int = setting(4, "Documents per example (the top-n by BM25 for LaMP; the most for pretraining).")
@@ -169,6 +173,11 @@ class TrainConfig:
     bf16: bool = setting(True, "bfloat16 autocast on a GPU and on a CPU with native bf16 (3x faster on AVX512-BF16).")
     init_from: str | None = setting(
         None, "A checkpoint to start from: a folder, or 'pretrained' (the compressor shipped with the package)."
+    )
+    init_fresh_bridge: bool = setting(
+        False,
+        "Take init_from's compressor (LoRA, compression embeddings, task prompt) but start the bridge's map as new "
+        "(zero output): moves a compressor trained with one model.bridge to another.",
     )
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ from commer.backbone import load_backbone
 from commer.checkpoint import PRETRAINED, load_checkpoint, resolve_checkpoint
 from commer.config import (
     DEFAULT_BACKBONE,
+    DEFAULT_BRIDGE,
     DEFAULT_K,
     QUICKSTART_CONTRAST_WEIGHT,
     ComMerConfig,
@@ -69,7 +70,7 @@ def quickstart(
     init: str | None = PRETRAINED,
     num_embeddings: int = DEFAULT_K,
     compression_norm: str = "none",
-    bridge: str = "linear",
+    bridge: str = DEFAULT_BRIDGE,
     n_docs: int = 2,
     pretrain_steps: int = 0,
     finetune_steps: int = 80,

@@ -415,7 +415,7 @@ def build(
     backbone = backbone or load_backbone(config.backbone, device=device)
     model = build_model(backbone, config.model)
     if config.train.init_from:
-        load_trainable(model, config.train.init_from)
+        load_trainable(model, config.train.init_from, fresh_bridge=config.train.init_fresh_bridge)
     return model, backbone
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_backbone
+from conftest import perturb_zero_init, tiny_backbone
 
 from commer.backbone import BackboneError, load_backbone
 from commer.checkpoint import (
@@ -83,6 +83,28 @@ def test_a_structure_mismatch_names_the_fields(tmp_path):
     model = ComMer(tiny_backbone(), ComMerConfig(num_embeddings=2, lora_r=2, bridge="mlp"))
     with pytest.raises(CheckpointError, match="bridge='linear' \\(model: 'mlp'\\)"):
         load_trainable(model, tmp_path)
+
+
+def test_fresh_bridge_moves_a_compressor_to_another_bridge(tmp_path):
+    saved = ComMer(tiny_backbone(), ComMerConfig(num_embeddings=2, lora_r=2, bridge="linear"))
+    perturb_zero_init(saved)  # a trained-looking checkpoint: nonzero LoRA B and bridge map, and moved from the seed's
+    with torch.no_grad():  # task prompt and compression embeddings, which the new model also starts from
+        for tensor in saved.trainable_state().values():
+            tensor.add_(0.5)
+    save_checkpoint(saved, tmp_path)
+    model = ComMer(tiny_backbone(), ComMerConfig(num_embeddings=2, lora_r=2, bridge="mlp"))
+    fresh_mlp = {n: t.clone() for n, t in model.trainable_state().items() if n.startswith("bridge.mlp")}
+    load_trainable(model, tmp_path, fresh_bridge=True)
+    own, theirs = model.trainable_state(), saved.trainable_state()
+    shared = [n for n in theirs if not n.startswith("bridge.") or n == "bridge.task_prompt"]
+    assert any("lora_B" in n for n in shared) and "compression_embeddings" in shared
+    for name in shared:
+        assert torch.equal(own[name], theirs[name]), name
+    for name, tensor in fresh_mlp.items():  # the new map is as built: its output layer zero
+        assert torch.equal(own[name], tensor), name
+    assert not own["bridge.mlp.2.weight"].any()
+    with pytest.raises(CheckpointError, match="fresh_bridge needs a bridge with a task prompt"):
+        load_trainable(ComMer(tiny_backbone(), ComMerConfig(num_embeddings=2, lora_r=2, bridge="none")), tmp_path, True)
 
 
 def test_the_shipped_compressor_is_small_documented_and_refuses_other_weights():

@@ -1,4 +1,5 @@
 import gzip
+import json
 import re
 from itertools import islice
 
@@ -14,6 +15,7 @@ from commer.data.pretrain import (
     profile_pretrain_examples,
 )
 from commer.data.tasks import PROFILE_TASKS, load_splits, load_task
+from commer.errors import ConfigError
 from commer.text import Example
 
 pytest_plugins = ["data_fixtures"]
@@ -93,6 +95,37 @@ def test_pages_are_pieces_and_a_page_is_one_user(data_dir):
         check_autoencoding(example, max_docs=4)
     first_page = [e for e in examples if e.user_id == "fineweb-page-0"]
     assert len(first_page) > 1  # a page gives many examples, all of one pretraining user
+
+
+def _write_pages(tmp_path, pages):
+    path = tmp_path / FINEWEB_FILE
+    path.parent.mkdir()
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps({"text": page}) + "\n" for page in pages)
+
+
+def test_continuation_asks_for_the_next_piece_of_the_page(tmp_path):
+    pages = [" ".join(f"p{page}w{i}" for i in range(200)) for page in range(3)]
+    _write_pages(tmp_path, pages)
+    pieces = [chunk_text(page) for page in pages]
+    examples = list(fineweb_page_examples(tmp_path, max_docs=3, seed=1, continuation=1.0))
+    continued = [e for e in examples if e.instruction.startswith("What follows")]
+    # every group but a page's last has a next piece, and continuation=1 always asks for it
+    assert len(continued) == len(examples) - len(pages)
+    for example in continued:
+        page = pieces[int(example.user_id.removeprefix("fineweb-page-"))]
+        texts = [doc.split(": ", 1)[1] for doc in example.documents]
+        start = page.index(texts[0])
+        assert page[start : start + len(texts)] == texts  # consecutive pieces of the page
+        assert example.instruction == f"What follows document {len(texts)}?"
+        assert example.answer == page[start + len(texts)] and example.answer not in texts
+    # continuation 0 is the auto-encoding stream unchanged (the shipped compressor's data)
+    plain = list(fineweb_page_examples(tmp_path, max_docs=3, seed=1))
+    assert plain == list(fineweb_page_examples(tmp_path, max_docs=3, seed=1, continuation=0.0))
+    for example in plain:
+        check_autoencoding(example, max_docs=3)
+    with pytest.raises(ConfigError, match="continuation must be in"):
+        list(fineweb_page_examples(tmp_path, continuation=1.5))
 
 
 def test_the_pretraining_mix_never_reads_held_out_users(data_dir):

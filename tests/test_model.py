@@ -246,15 +246,20 @@ def test_sampling_is_seeded_and_differs_from_greedy(backbone):
     assert torch.equal(a, b) and not torch.equal(a, greedy)
 
 
-def test_training_changes_only_lora_compression_embeddings_and_bridge(backbone):
-    model = ComMer(backbone, ComMerConfig(num_embeddings=K, lora_r=4))
+@pytest.mark.parametrize(
+    ("bridge", "bridge_map"),
+    [
+        ("linear", {"bridge.proj.weight"}),
+        ("mlp", {"bridge.mlp.0.weight", "bridge.mlp.0.bias", "bridge.mlp.2.weight", "bridge.mlp.2.bias"}),
+    ],
+)
+def test_training_changes_only_lora_compression_embeddings_and_bridge(backbone, bridge, bridge_map):
+    model = ComMer(backbone, ComMerConfig(num_embeddings=K, lora_r=4, bridge=bridge))
     frozen_before = {k: v.clone() for k, v in backbone.model.state_dict().items() if "lora" not in k}
     trainable_before = {k: v.detach().clone() for k, v in model.trainable_state().items()}
-    assert {"compression_embeddings", "bridge.task_prompt", "bridge.proj.weight"} < set(trainable_before)
-    assert all(
-        "lora" in k or k in ("compression_embeddings", "bridge.task_prompt", "bridge.proj.weight")
-        for k in trainable_before
-    )
+    expected = {"compression_embeddings", "bridge.task_prompt", *bridge_map}
+    assert expected < set(trainable_before)
+    assert all("lora" in k or k in expected for k in trainable_before)
     optimizer = torch.optim.AdamW(model.trainable_state().values(), lr=1e-2)
     batch = _collate(backbone, model)
     model.train()

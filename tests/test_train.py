@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import random
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import WORDS, tiny_backbone
 
-from commer.checkpoint import load_checkpoint
+from commer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from commer.config import ComMerConfig, RunConfig, TrainConfig, load_config
 from commer.errors import ConfigError
 from commer.model import build_model
 from commer.text import Example
-from commer.train import Trainer, contrast_hinge, contrast_partners, param_groups, return_freed_memory
+from commer.train import Trainer, build, contrast_hinge, contrast_partners, param_groups, return_freed_memory
 
 
 def _examples(n: int, seed: int = 0) -> list[Example]:
@@ -93,6 +94,24 @@ def test_a_folder_resumes_only_its_own_run(tmp_path):
     assert same.fit()["steps"] == 6
 
 
+def test_init_fresh_bridge_starts_a_new_bridge_on_a_saved_compressor(tmp_path):
+    """``train.init_from`` with ``train.init_fresh_bridge``: a linear-bridge checkpoint starts an MLP-bridge run, with
+    its compressor copied and the MLP's output layer at zero; without the flag the bridge mismatch is refused."""
+    saved = build_model(tiny_backbone(), ComMerConfig(num_embeddings=2, lora_r=4, bridge="linear"))
+    with torch.no_grad():
+        saved.compression_embeddings.add_(1.0)
+    save_checkpoint(saved, tmp_path / "linear")
+    config = RunConfig(
+        model=ComMerConfig(num_embeddings=2, lora_r=4, bridge="mlp"),
+        train=TrainConfig(init_from=str(tmp_path / "linear"), init_fresh_bridge=True),
+    )
+    model, _ = build(config, backbone=tiny_backbone())
+    assert torch.equal(model.compression_embeddings, saved.compression_embeddings)
+    assert not model.bridge.mlp[2].weight.any()
+    with pytest.raises(CheckpointError, match="bridge='linear' \\(model: 'mlp'\\)"):
+        build(replace(config, train=replace(config.train, init_fresh_bridge=False)), backbone=tiny_backbone())
+
+
 def test_early_stopping_when_validation_stops_improving(tmp_path):
     # all learning rates zero: validation perplexity can never improve after the first evaluation
     trainer, _ = _run(
@@ -123,7 +142,7 @@ def test_each_trainable_tensor_gets_its_learning_rate():
     groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr_soft_prompt=0.3, lr_bridge=0.2))}
     assert groups["soft_prompt"]["lr"] == 0.3 and groups["bridge"]["lr"] == 0.2
     assert [p is model.bridge.task_prompt for p in groups["soft_prompt"]["params"]] == [True]
-    assert [p is model.bridge.proj.weight for p in groups["bridge"]["params"]] == [True]
+    assert {id(p) for p in groups["bridge"]["params"]} == {id(p) for p in model.bridge.mlp.parameters()}  # the default
     assert sum(len(g["params"]) for g in groups.values()) == len(model.trainable_state())
 
 
@@ -165,8 +184,8 @@ def test_the_contrast_term_is_the_weighted_mean_hinge_and_trains_the_bridge(tmp_
     assert expected_hinge > 0  # a margin of 3 nats per token is not met at initialisation
     contrast, contrast_loss = _one_step(tmp_path / "contrast", contrast_weight=weight, contrast_margin=margin)
     assert contrast_loss == pytest.approx(plain_loss + weight * expected_hinge, rel=1e-4)
-    # at step 0 the zero-init map is the only way the documents reach the soft prompt: the hinge trains it
-    assert not torch.equal(contrast.model.bridge.proj.weight, plain.model.bridge.proj.weight)
+    # at step 0 the zero-init output layer is the only way the documents reach the soft prompt: the hinge trains it
+    assert not torch.equal(contrast.model.bridge.mlp[2].weight, plain.model.bridge.mlp[2].weight)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

@@ -5,7 +5,9 @@ An example holds k documents (k uniform in ``[min_docs, max_docs]``), each cut t
 is document n's text without its prefix. Texts come from FineWeb (streamed) or from a task's training profiles (the
 paper's "tweets" pretraining). ``mixed_pretrain`` is the mix the shipped compressor is pretrained on: every FineWeb
 page cut into consecutive pieces (the pieces of one page are one "user", so held-out pages are unseen text) plus the
-profile documents of the *training* users of LaMP-7 and of the news task, never their test users.
+profile documents of the *training* users of LaMP-7 and of the news task, never their test users. ``continuation``
+turns a share of the FineWeb examples into ICAE's language-modelling objective: the request is ``What follows document
+n?`` (n the last document) and the answer is the page's next piece, which no document holds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from commer.text import Example
 FINEWEB_FILE = Path("fineweb") / "fineweb_sample.jsonl.gz"
 DOC_CHARS = 150
 MIN_DOCS, MAX_DOCS = 1, 8
+ICAE_CONTINUATION = 0.5  # share of continuation examples in "pretrain-mix-lm": ICAE's mix of its two objectives
 
 
 def autoencoding_example(user_id: str, texts: Sequence[str], rng: random.Random, max_chars: int = DOC_CHARS) -> Example:
@@ -32,6 +35,14 @@ def autoencoding_example(user_id: str, texts: Sequence[str], rng: random.Random,
     n = rng.randint(1, len(cut))
     documents = [f"Document {i}: {text}" for i, text in enumerate(cut, start=1)]
     return Example(user_id, documents, instruction=f"What does document {n} contain?", answer=cut[n - 1])
+
+
+def continuation_example(user_id: str, texts: Sequence[str], following: str, max_chars: int = DOC_CHARS) -> Example:
+    """One example over ``texts`` whose answer is ``following``, the text that comes after the last of them."""
+    if not texts:
+        raise ValueError("a continuation example needs at least one text")
+    documents = [f"Document {i}: {text.strip()[:max_chars]}" for i, text in enumerate(texts, start=1)]
+    return Example(user_id, documents, f"What follows document {len(texts)}?", following.strip()[:max_chars])
 
 
 def chunk_text(text: str, max_chars: int = DOC_CHARS) -> list[str]:
@@ -131,9 +142,13 @@ def fineweb_page_examples(
     seed: int = 0,
     max_chars: int = DOC_CHARS,
     max_pieces_per_page: int = 64,
+    continuation: float = 0.0,
 ) -> Iterator[Example]:
-    """Auto-encoding examples over consecutive pieces of each FineWeb page; user id ``fineweb-page-<i>`` per page."""
+    """Examples over consecutive pieces of each FineWeb page; user id ``fineweb-page-<i>`` per page. A group of pieces
+    with a piece after it becomes a continuation example with probability ``continuation``, else auto-encoding."""
     _check_range(min_docs, max_docs)
+    if not 0.0 <= continuation <= 1.0:
+        raise ConfigError(f"continuation must be in [0, 1], got {continuation!r}")
     rng = random.Random(seed)
     path = resolve_data_dir(data_dir) / FINEWEB_FILE
     for page, text in enumerate(iter_fineweb(path)):
@@ -141,15 +156,24 @@ def fineweb_page_examples(
         while pieces:
             n = rng.randint(min_docs, max_docs)
             group, pieces = pieces[:n], pieces[n:]
-            yield autoencoding_example(f"fineweb-page-{page}", group, rng, max_chars)
+            # no draw when continuation is 0, so the auto-encoding stream is the one the shipped compressor saw
+            if continuation and pieces and rng.random() < continuation:
+                yield continuation_example(f"fineweb-page-{page}", group, pieces[0], max_chars)
+            else:
+                yield autoencoding_example(f"fineweb-page-{page}", group, rng, max_chars)
 
 
 def mixed_pretrain(
-    data_dir: str | Path | None, max_docs: int, seed: int, profile_tasks: dict[str, list[Example]]
+    data_dir: str | Path | None,
+    max_docs: int,
+    seed: int,
+    profile_tasks: dict[str, list[Example]],
+    continuation: float = 0.0,
 ) -> list[Example]:
     """FineWeb page pieces plus two passes over each given task's (training) profiles, 1..``max_docs`` documents
-    per example. ``profile_tasks`` maps a task name to its training users' examples (their documents)."""
-    examples = list(fineweb_page_examples(data_dir, MIN_DOCS, max_docs, seed))
+    per example. ``profile_tasks`` maps a task name to its training users' examples (their documents);
+    ``continuation`` is the share of FineWeb examples that ask for the next piece (profiles have no order)."""
+    examples = list(fineweb_page_examples(data_dir, MIN_DOCS, max_docs, seed, continuation=continuation))
     for task, profiles in profile_tasks.items():
         for repeat in range(2):
             for ex in profile_pretrain_examples(profiles, MIN_DOCS, max_docs, seed + repeat):

@@ -8,16 +8,24 @@ from pathlib import Path
 from commer.data.lamp import load_lamp7
 from commer.data.news import load_news
 from commer.data.perltqa import load_perltqa
-from commer.data.pretrain import fineweb_pretrain, mixed_pretrain
+from commer.data.pretrain import ICAE_CONTINUATION, fineweb_pretrain, mixed_pretrain
 from commer.data.recall import recall_examples
 from commer.data.splits import DEFAULT_FRACTIONS, MAX_EXAMPLE_CHARS, Loaded, SplitInfo, filter_by_length, split_users
 from commer.errors import ConfigError
 from commer.text import Example
 
-TASKS = ("lamp7", "news", "perltqa", "pretrain", "pretrain-mix", "recall")
+TASKS = ("lamp7", "news", "perltqa", "pretrain", "pretrain-mix", "pretrain-mix-lm", "recall")
 # n = the paper's largest for tweets, the middle of the sweeps elsewhere; for pretraining it is the most documents.
-DEFAULT_N_DOCS = {"lamp7": 8, "news": 4, "perltqa": 4, "pretrain": 8, "pretrain-mix": 4, "recall": 4}
-PROFILE_TASKS = ("lamp7", "news")  # whose training users' profile documents join FineWeb in "pretrain-mix"
+DEFAULT_N_DOCS = {
+    "lamp7": 8,
+    "news": 4,
+    "perltqa": 4,
+    "pretrain": 8,
+    "pretrain-mix": 4,
+    "pretrain-mix-lm": 4,
+    "recall": 4,
+}
+PROFILE_TASKS = ("lamp7", "news")  # whose training users' profile documents join FineWeb in "pretrain-mix(-lm)"
 PROFILE_DOCS = 32  # documents per profile read for pretraining (top-32 by BM25: most of a profile)
 RECALL_USERS = 5000  # synthetic, so as many as a long run can use
 
@@ -42,6 +50,12 @@ LOADERS: dict[str, Callable[[str | Path | None, int, int], Loaded]] = {
     ),
     "pretrain-mix": lambda data_dir, n, seed: Loaded(
         mixed_pretrain(data_dir, n, seed, {t: _training_profiles(t, data_dir, seed) for t in PROFILE_TASKS})
+    ),
+    # the same mix with ICAE's continuation objective on half the FineWeb examples (the ablation of issue 11)
+    "pretrain-mix-lm": lambda data_dir, n, seed: Loaded(
+        mixed_pretrain(
+            data_dir, n, seed, {t: _training_profiles(t, data_dir, seed) for t in PROFILE_TASKS}, ICAE_CONTINUATION
+        )
     ),
     # made in code: there is no data directory to read
     "recall": lambda data_dir, n, seed: _one_example_per_user(recall_examples(RECALL_USERS, n, seed)),
