@@ -60,14 +60,14 @@ class Personalizer:
         self.bf16_compress = bf16_compress
 
     @classmethod
-    def new(cls, backbone: Backbone, config: ComMerConfig | None = None) -> Personalizer:
+    def new(cls, backbone: Backbone, config: ComMerConfig | None = None, bf16_compress: bool = False) -> Personalizer:
         """An untrained ComMer (LoRA at zero, compression embeddings at their initial values) on ``backbone``."""
-        return cls(ComMer(backbone, config or ComMerConfig()), backbone.tokenizer)
+        return cls(ComMer(backbone, config or ComMerConfig()), backbone.tokenizer, bf16_compress)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, backbone: Backbone) -> Personalizer:
+    def from_checkpoint(cls, path: str | Path, backbone: Backbone, bf16_compress: bool = False) -> Personalizer:
         """A trained ComMer from a checkpoint folder (or ``"pretrained"``) on ``backbone``."""
-        return cls(load_checkpoint(path, backbone), backbone.tokenizer)
+        return cls(load_checkpoint(path, backbone), backbone.tokenizer, bf16_compress)
 
     @classmethod
     def pretrained(cls, backbone: Backbone | None = None) -> Personalizer:
@@ -255,12 +255,10 @@ def load_personalizer(
     ``Personalizer``."""
     bb = load_backbone(backbone)
     if checkpoint is not None:
-        model = load_checkpoint(checkpoint, bb)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = ComMer(bb, ComMerConfig(num_embeddings=num_embeddings))
-    return Personalizer(model, bb.tokenizer, bf16_compress)
+        return Personalizer.from_checkpoint(checkpoint, bb, bf16_compress)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Personalizer.new(bb, ComMerConfig(num_embeddings=num_embeddings), bf16_compress)
 
 
 # -- documents of stored profiles -----------------------------------------------------------------------------------

@@ -41,6 +41,12 @@ def _training_profiles(task: str, data_dir: str | Path | None, seed: int) -> lis
     return split_users((e.user_id for e in loaded.examples), DEFAULT_FRACTIONS, seed).apply(loaded.examples)["train"]
 
 
+def _pretrain_mix(data_dir: str | Path | None, n: int, seed: int, continuation: float = 0.0) -> Loaded:
+    """FineWeb pieces plus the training users' profiles of ``PROFILE_TASKS`` (``mixed_pretrain``)."""
+    profiles = {t: _training_profiles(t, data_dir, seed) for t in PROFILE_TASKS}
+    return Loaded(mixed_pretrain(data_dir, n, seed, profiles, continuation))
+
+
 LOADERS: dict[str, Callable[[str | Path | None, int, int], Loaded]] = {
     "lamp7": lambda data_dir, n, seed: load_lamp7(data_dir, n),
     "news": lambda data_dir, n, seed: load_news(data_dir, n),
@@ -48,15 +54,9 @@ LOADERS: dict[str, Callable[[str | Path | None, int, int], Loaded]] = {
     "pretrain": lambda data_dir, n, seed: _one_example_per_user(
         list(fineweb_pretrain(data_dir, max_docs=n, seed=seed))
     ),
-    "pretrain-mix": lambda data_dir, n, seed: Loaded(
-        mixed_pretrain(data_dir, n, seed, {t: _training_profiles(t, data_dir, seed) for t in PROFILE_TASKS})
-    ),
+    "pretrain-mix": _pretrain_mix,
     # the same mix with ICAE's continuation objective on half the FineWeb examples (the ablation of issue 11)
-    "pretrain-mix-lm": lambda data_dir, n, seed: Loaded(
-        mixed_pretrain(
-            data_dir, n, seed, {t: _training_profiles(t, data_dir, seed) for t in PROFILE_TASKS}, ICAE_CONTINUATION
-        )
-    ),
+    "pretrain-mix-lm": lambda data_dir, n, seed: _pretrain_mix(data_dir, n, seed, ICAE_CONTINUATION),
     # made in code: there is no data directory to read
     "recall": lambda data_dir, n, seed: _one_example_per_user(recall_examples(RECALL_USERS, n, seed)),
 }
