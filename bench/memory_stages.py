@@ -1,12 +1,13 @@
 """Where the quickstart's memory goes: resident set size (now and peak) after each stage of a fine-tuning run.
 
-    python bench/memory_stages.py [--steps 3] [--glibc-default [--trim]]
+    python bench/memory_stages.py [--steps 3] [--glibc-default [--trim]] [--checkpointing]
 
 Loads the embedded backbone and the shipped compressor, reads LaMP-7 (two BM25 documents per user), scores 16 test
 users, then takes ``--steps`` training steps of 4 examples under bfloat16 autocast, printing RSS after each stage (and
 after every tenth step past the third) and the mean time of a step. Like ``COMMER_LOW_MEMORY=1 commer``, it first
 makes glibc return freed memory (``commer.train.return_freed_memory``); ``--glibc-default`` keeps the allocator's
 defaults, and ``--trim`` adds ``malloc_trim(0)`` after every step (docs/benchmarks.md, session 5).
+``--checkpointing`` turns on activation checkpointing (``train.activation_checkpointing``, session 7).
 """
 
 import argparse
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--glibc-default", action="store_true", help="Leave glibc's allocator settings as they are.")
     parser.add_argument("--trim", action="store_true", help="With --glibc-default: malloc_trim(0) after every step.")
+    parser.add_argument("--checkpointing", action="store_true", help="Activation checkpointing while training.")
     args = parser.parse_args()
     if not args.glibc_default:
         return_freed_memory()
@@ -52,6 +54,8 @@ def main() -> None:
     perplexity(model, collator, splits["test"][:16])
     rss("eval 16 users")
     optimizer = torch.optim.AdamW(param_groups(model, TrainConfig()))
+    if args.checkpointing:
+        model.checkpoint_activations()
     model.train()
     start = time.perf_counter()
     for i in range(args.steps):

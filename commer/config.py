@@ -171,6 +171,11 @@ class TrainConfig:
     log_every: int = setting(10, "Optimizer steps between log lines.")
     seed: int = setting(0, "Seed of the data order and LoRA dropout.")
     bf16: bool = setting(True, "bfloat16 autocast on a GPU and on a CPU with native bf16 (3x faster on AVX512-BF16).")
+    activation_checkpointing: bool = setting(
+        False,
+        "Recompute each decoder layer's activations in the backward pass instead of keeping them: much less memory "
+        "per step for about one more forward pass (docs/benchmarks.md).",
+    )
     init_from: str | None = setting(
         None, "A checkpoint to start from: a folder, or 'pretrained' (the compressor shipped with the package)."
     )

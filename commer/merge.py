@@ -135,13 +135,14 @@ def stack_profiles(
 
 def dense_scores(query: torch.Tensor, compressions: torch.Tensor) -> torch.Tensor:
     """Relevance of each document to a request: the cosine similarity of its ``(K, D)`` compression with the
-    request's own compression (by the same compressor), both flattened to ``K * D`` vectors and centred on the mean of
-    the user's compressions (what all of a user's documents share says nothing about which one a request needs).
-    Returns ``(n,)``."""
+    request's own compression (by the same compressor), both flattened to ``K * D`` vectors. Returns ``(n,)``.
+
+    Not centred on the mean of the user's compressions: centring found a PerLTQA question's referenced memory first
+    less often (among 8 memories, 28% of 1,362 training-persona questions against 43% uncentred; docs/results.md,
+    session 7)."""
     flat = compressions.detach().to("cpu", torch.float64).flatten(1)  # (n, K*D)
-    centre = flat.mean(0)
-    q = query.detach().to("cpu", torch.float64).flatten() - centre
-    return torch.nn.functional.cosine_similarity(flat - centre, q[None], dim=1)
+    q = query.detach().to("cpu", torch.float64).flatten()
+    return torch.nn.functional.cosine_similarity(flat, q[None], dim=1)
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

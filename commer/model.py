@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from commer.backbone import Backbone
 from commer.batch import Batch
@@ -79,6 +80,23 @@ class SoftPromptLM(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor by name: exactly what a checkpoint stores."""
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def checkpoint_activations(self, enabled: bool = True) -> None:
+        """Activation checkpointing for training: each decoder layer of the compressor and the generator keeps only its
+        input and recomputes the rest in the backward pass (Hugging Face's, non-reentrant), about one more forward
+        pass per step for much less memory (docs/benchmarks.md). Nothing changes without gradients (evaluation,
+        decoding), and the gradients are the same."""
+        for lm in dict.fromkeys((self.lm, self.generator_lm)):  # ComMer's generator view has layers of its own
+            if enabled:
+                lm.activation_checkpointing_enable()
+            else:
+                lm.activation_checkpointing_disable()
+        if self.generator_lm is not self.lm:
+            # A layer is checkpointed only while it is training. ComMer's generator view stays in eval mode (it is not
+            # a submodule), so only its layers are marked: their children (dropout) keep the frozen generator's mode.
+            for layer in self.generator_lm.modules():
+                if isinstance(layer, GradientCheckpointingLayer):
+                    layer.training = enabled
 
     def _join(
         self, prefix: torch.Tensor, prefix_mask: torch.Tensor, input_ids: torch.Tensor, input_mask: torch.Tensor
@@ -471,6 +489,27 @@ class ComMer(SoftPromptLM):
         """The compressor for inference: the backbone with the LoRA merged into a copy of each adapted weight (one more
         copy of those weights; the embeddings and norms are shared). It does not follow later changes to the LoRA."""
         return with_merged_adapters(self.lm)
+
+    def with_compression_cache(self) -> ComMer:
+        """A view of this model, sharing every weight, that compresses each distinct document once (keyed by its
+        token ids) and reuses that compression whenever the document comes again: for evaluations that read the same
+        documents many times (``commer memories``: every method and subset of a user's memories). Inference only: the
+        cached compressions carry no gradient and do not follow later changes to the LoRA."""
+        cache: dict[tuple[int, ...], torch.Tensor] = {}
+        compress = self.compress
+
+        def cached(doc_ids: torch.Tensor, doc_mask: torch.Tensor, lm: nn.Module | None = None) -> torch.Tensor:
+            keys = [tuple(row[mask.bool()].tolist()) for row, mask in zip(doc_ids, doc_mask, strict=True)]
+            new = [i for i, key in enumerate(keys) if key not in cache]
+            if new:
+                with torch.no_grad():
+                    for i, compression in zip(new, compress(doc_ids[new], doc_mask[new], lm), strict=True):
+                        cache[keys[i]] = compression
+            return torch.stack([cache[key] for key in keys]) if keys else compress(doc_ids, doc_mask, lm)
+
+        view = copy.copy(self)
+        view.compress = cached  # an instance attribute: the view's prefix() compresses through the cache
+        return view
 
     def lora_version(self) -> tuple[tuple, ...]:
         """Changes whenever a LoRA weight is replaced or changed in place (an optimizer step, ``load_state_dict``):

@@ -79,6 +79,7 @@ def quickstart(
     contrast_weight: float = QUICKSTART_CONTRAST_WEIGHT,
     val_users: int = 48,
     test_users: int = 64,
+    activation_checkpointing: bool = False,
     show: int = 4,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -105,6 +106,7 @@ def quickstart(
         micro_batch_size=min(4, batch_size),
         lr_lora=lr_lora,
         contrast_weight=contrast_weight,
+        activation_checkpointing=activation_checkpointing,
         log_every=5,
         seed=seed,
     )

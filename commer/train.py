@@ -187,6 +187,8 @@ class Trainer:
             raise ConfigError("no training examples: check the data config (task, data_dir, n_docs)")
         self.config, self.cfg = config, config.train
         self.model = model
+        if self.cfg.activation_checkpointing:
+            model.checkpoint_activations()
         self.collator = Collator(tokenizer, model.config, model.max_length)
         self.train_examples, self.val_examples = list(train_examples), list(val_examples)
         self.out = Path(config.output_dir)

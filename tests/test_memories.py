@@ -13,7 +13,7 @@ from conftest import tiny_backbone
 from commer.checkpoint import save_checkpoint
 from commer.config import ComMerConfig
 from commer.data.perltqa import MEMORY_FILE, QA_FILE
-from commer.experiments.memories import MEAN, run_memories, top_k_documents
+from commer.experiments.memories import MEAN, reference_recall, run_memories, top_k_documents
 from commer.model import ComMer, PromptTuning
 from commer.text import Example
 
@@ -77,9 +77,24 @@ def test_every_method_at_every_number_of_memories(checkpoints, tmp_path):
     assert len(record["points"]) == len(points)
     assert (tmp_path / "memories.png").stat().st_size > 0
     assert "| commer-mean |" in (tmp_path / "memories.md").read_text()
+    # retrieval's ground truth: every signal, k and n; a top k of n <= k memories holds every referenced one
+    recall = {(r["signal"], r["k"], r["memories"]): r["reference_recall"] for r in record["reference_recall"]}
+    assert set(recall) == {(s, k, n) for s in ("dense", "bm25") for k in (1, 3) for n in (1, 3)}
+    assert all(recall[s, k, n] == 1.0 for s, k, n in recall if k >= n)
+    assert "| dense top-1 |" in (tmp_path / "memories.md").read_text()
 
 
 def test_top_k_documents_keeps_the_best_in_their_order():
     example = Example("u", ["d0", "d1", "d2", "d3"], "q", "a")
     assert top_k_documents(example, 2, torch.tensor([0.1, 0.9, 0.0, 0.5])).documents == ["d1", "d3"]
     assert top_k_documents(example, 9, torch.zeros(4)).documents == example.documents
+
+
+def test_reference_recall_counts_the_referenced_memories_in_the_top_k():
+    example = Example("u", ["d0", "d1", "d2", "d3"], "q", "a")
+    scores = torch.tensor([0.1, 0.9, 0.0, 0.5])
+    assert reference_recall(example, 1, scores, {"d1"}) == 1.0
+    assert reference_recall(example, 1, scores, {"d3"}) == 0.0
+    assert reference_recall(example, 2, scores, {"d3", "d2"}) == 0.5
+    # out of the at most k it could hold
+    assert reference_recall(example, 1, scores, {"d1", "d2"}) == 1.0

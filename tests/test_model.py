@@ -11,12 +11,13 @@ from peft.tuners.lora import LoraLayer
 from transformers import LlamaForCausalLM
 
 from commer.batch import Batch
-from commer.config import ComMerConfig
+from commer.config import ComMerConfig, RunConfig
 from commer.evaluate import bf16_supported
 from commer.merge import stack_profiles
 from commer.model import ComMer, PromptTuning
 from commer.serving import Personalizer
 from commer.text import Collator, ContextTooLongError, Example
+from commer.train import Trainer, build
 
 K = 4
 
@@ -287,6 +288,66 @@ def test_prompt_tuning_trains_only_its_soft_prompt(backbone):
     model.loss(batch).backward()
     assert model.soft_prompt.grad is not None and model.soft_prompt.grad.abs().sum() > 0
     assert all(p.grad is None for p in backbone.model.parameters())
+
+
+def _kept_bytes_and_grads(model, batch) -> tuple[int, dict[str, torch.Tensor]]:
+    """One training loss's backward: the bytes autograd kept between forward and backward, and every gradient."""
+    kept = []
+
+    def pack(tensor):
+        kept.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    model.train()
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model.loss(batch)
+    loss.backward()
+    return sum(kept), {name: p.grad.clone() for name, p in model.trainable_state().items()}
+
+
+@pytest.mark.parametrize("method", ["commer", "prompt_tuning"])
+def test_activation_checkpointing_keeps_less_for_the_same_gradients(method):
+    """``train.activation_checkpointing``: far fewer saved activations (compressor and generator), the same gradients,
+    and the same greedy tokens (no gradients, no checkpointing)."""
+    config = RunConfig(model=ComMerConfig(method=method, num_embeddings=K, lora_r=4, lora_dropout=0.0))
+    model, backbone = build(config, backbone=tiny_backbone())
+    perturb_zero_init(model)
+    batch = _collate(backbone, model)
+    plain_bytes, plain_grads = _kept_bytes_and_grads(model, batch)
+    tokens = model.eval().generate(batch, eos_token_id=-1, pad_token_id=1, max_new_tokens=4)
+    model.checkpoint_activations()
+    kept_bytes, grads = _kept_bytes_and_grads(model, batch)
+    assert kept_bytes < plain_bytes / 3
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], msg=name)
+    assert torch.equal(model.eval().generate(batch, eos_token_id=-1, pad_token_id=1, max_new_tokens=4), tokens)
+    model.checkpoint_activations(False)
+    assert _kept_bytes_and_grads(model, batch)[0] == plain_bytes
+    # a training run's config turns it on
+    config.train.activation_checkpointing = True
+    model, backbone = build(config, backbone=tiny_backbone())
+    Trainer(config, model, backbone.tokenizer, EXAMPLES, [])
+    assert _kept_bytes_and_grads(model, batch)[0] == kept_bytes
+
+
+def test_compression_cache_compresses_each_document_once(backbone):
+    """``with_compression_cache``: the same compressions and perplexity as the model; a document seen before is not
+    compressed again (after a LoRA change, the view still returns what it cached, the model does not)."""
+    model = _model(backbone)
+    view = model.with_compression_cache()
+    batch = _collate(backbone, model)
+    with torch.no_grad():
+        expected = model.compress(batch.doc_ids, batch.doc_mask)  # (3, K, D): alice's two documents, bob's one
+        torch.testing.assert_close(view.perplexity(batch), model.perplexity(batch))
+        torch.testing.assert_close(view.compress(batch.doc_ids, batch.doc_mask), expected)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(1.0)
+        order = torch.tensor([2, 0])
+        assert not torch.allclose(model.compress(batch.doc_ids[order], batch.doc_mask[order]), expected[order])
+        torch.testing.assert_close(view.compress(batch.doc_ids[order], batch.doc_mask[order]), expected[order])
 
 
 def test_concat_merge_reads_k_per_document(backbone):

@@ -3,7 +3,8 @@
 A memory is a profile field (id = the field name, e.g. ``Gender``), a social relationship (``4_0``), an event
 (``4_0_0``) or a dialogue (``4_0_0#3``). A QA pair's ``"Reference Memory"`` is a profile field name or a Python-literal
 list of memory ids such as ``"['4_0_0']"``. An example is one QA pair with a seeded random subset of its persona's
-memories that always includes the referenced ones, shuffled so their position gives nothing away.
+memories that always includes the referenced ones, shuffled so their position gives nothing away. With
+``n_docs=1`` an example holds exactly its referenced memories (retrieval's ground truth: ``commer memories``).
 """
 
 from __future__ import annotations

@@ -12,12 +12,15 @@ ones it refers to) are answered by:
   the question, by the cosine of compressions (no text stored) or by BM25 over the memories' texts.
 
 Each gets the perplexity of the gold answer, ROUGE-1/L of its greedy answer, and the generator's prompt tokens (soft
-prompt + text prompt). ``commer memories`` runs it and writes a JSON table, a Markdown table and a PNG.
+prompt + text prompt). On PerLTQA, where each question names the memories it refers to, each relevance signal also gets
+its reference recall: how many of those memories its top k holds. ``commer memories`` runs it and writes a JSON table,
+a Markdown table and a PNG.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -61,6 +64,23 @@ class Point:
     n_generated: int
 
 
+@dataclass
+class Recall:
+    """How well one relevance signal finds the memories a question refers to, at one k and number of memories."""
+
+    signal: str
+    k: int
+    memories: int
+    reference_recall: float  # mean over questions of |top k & referenced| / min(k, |referenced|)
+
+
+def reference_recall(example: Example, k: int, scores: torch.Tensor, referenced: set[str]) -> float:
+    """The share of ``example``'s ``referenced`` memories that its top ``k`` by ``scores`` holds, out of the at most
+    ``k`` it could hold: 1.0 when retrieval-merge keeps what the question needs."""
+    kept = set(top_k_documents(example, k, scores).documents)
+    return len(kept & referenced) / min(k, len(referenced))
+
+
 def top_k_documents(example: Example, k: int, scores: torch.Tensor) -> Example:
     """``example`` with only its ``k`` best-scored documents (``commer.merge.top_k_indices``): the mean of their
     compressions is exactly the retrieval-merge profile of ``commer.merge.top_k_profile``."""
@@ -70,15 +90,12 @@ def top_k_documents(example: Example, k: int, scores: torch.Tensor) -> Example:
 
 def dense_relevance(personalizer: Personalizer, examples: Sequence[Example]) -> list[torch.Tensor]:
     """Each example's ``(n_docs,)`` dense relevance (retrieval-merge's): its request compressed as a document, cosine
-    against each document's compression. All requests and documents are compressed in one call (batched by length)."""
-    texts = [text for e in examples for text in (e.instruction, *e.documents)]
-    compressions = personalizer.compress(texts)
-    scores, start = [], 0
-    for e in examples:
-        own = compressions[start : start + 1 + len(e.documents)]
-        scores.append(dense_scores(own[0], own[1:]))
-        start += 1 + len(e.documents)
-    return scores
+    against each document's compression. Each distinct text is compressed once, all in one call (batched by length)."""
+    texts = list(dict.fromkeys(text for e in examples for text in (e.instruction, *e.documents)))
+    compressions = dict(zip(texts, personalizer.compress(texts), strict=True))
+    return [
+        dense_scores(compressions[e.instruction], torch.stack([compressions[d] for d in e.documents])) for e in examples
+    ]
 
 
 def score(
@@ -134,13 +151,20 @@ def run_memories(
     # The frozen backbone reads no soft prompt: the paper's bridge with no documents adds nothing.
     frozen_backbone = load_backbone(backbone_name)
     frozen = ComMer(frozen_backbone, ComMerConfig(bridge="none"))
-    models: dict[str, SoftPromptLM] = {"frozen": frozen, "commer": commer}
+    # Every ComMer method reads subsets of the same memories: each is compressed once for the whole run.
+    models: dict[str, SoftPromptLM] = {"frozen": frozen, "commer": commer.with_compression_cache()}
     if prompt_tuning_checkpoint is not None:
         models["prompt tuning"] = load_checkpoint(prompt_tuning_checkpoint)
     collators = {name: Collator(frozen_backbone.tokenizer, m.config, m.max_length) for name, m in models.items()}
     personalizer = Personalizer(commer, frozen_backbone.tokenizer)
 
+    # PerLTQA with one memory per question holds exactly the referenced ones (commer.data.perltqa): retrieval's truth.
+    referenced = None
+    if task == "perltqa":
+        truth = load_splits(task, data_dir, 1, seed, max_chars=10**9)[0][split][:max_examples]
+        referenced = [set(e.documents) for e in truth]
     points: list[Point] = []
+    recalls: list[Recall] = []
     # Identical inputs score identically (greedy answers): "no documents" is the same at every n, and a retrieval-merge
     # with k >= n keeps every memory in order, i.e. it is the mean. Each is evaluated once.
     scored: dict[tuple, Point] = {}
@@ -169,13 +193,20 @@ def run_memories(
             for signal, scores in relevance.items():
                 selected = [top_k_documents(e, k, s) for e, s in zip(examples, scores, strict=True)]
                 methods.append((f"commer-{signal}-top{k}", "commer", selected))
+                if referenced is not None:
+                    rows = zip(examples, scores, referenced, strict=True)
+                    hits = [reference_recall(e, k, s, refs) for e, s, refs in rows]
+                    recalls.append(Recall(signal, k, n, sum(hits) / len(hits)))
+                    progress(f"  {signal} top-{k} holds {recalls[-1].reference_recall:.1%} of the referenced memories")
         for method, name, variant in methods:
             key = (name, tuple((tuple(e.documents), e.instruction, e.answer) for e in variant))
+            start = time.perf_counter()
             if key not in scored:
                 model, collator = models[name], collators[name]
                 scored[key] = score(method, model, collator, variant, n, generate_examples, max_new_tokens)
             point = replace(scored[key], method=method, memories=n)
-            progress(f"  {method:24} perplexity {point.perplexity:8.3f}  ROUGE-L {point.rougeL:.4f}")
+            seconds = time.perf_counter() - start
+            progress(f"  {method:24} perplexity {point.perplexity:8.3f}  ROUGE-L {point.rougeL:.4f}  ({seconds:.0f} s)")
             points.append(point)
 
     out = Path(output_dir)
@@ -188,9 +219,10 @@ def run_memories(
         "seed": seed,
         "summary_of_the_first_question": summaries[0] if summary else None,
         "points": [asdict(p) for p in points],
+        "reference_recall": [asdict(r) for r in recalls],
     }
     (out / "memories.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "memories.md").write_text(table(points) + "\n")
+    (out / "memories.md").write_text(table(points) + "\n" + (f"\n{recall_table(recalls)}\n" if recalls else ""))
     plot(points, out / "memories.png", f"{task} {split}: quality against memories per user")
     return points
 
@@ -208,6 +240,16 @@ def table(points: Sequence[Point]) -> str:
             for n in ns
         ]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def recall_table(recalls: Sequence[Recall]) -> str:
+    """A Markdown table: the reference recall of each signal's top k per number of memories."""
+    ns = sorted({r.memories for r in recalls})
+    at = {(r.signal, r.k, r.memories): r.reference_recall for r in recalls}
+    lines = ["| relevance signal | " + " | ".join(f"n={n}" for n in ns) + " |", "| --- |" + " --- |" * len(ns)]
+    for signal, k in dict.fromkeys((r.signal, r.k) for r in recalls):
+        lines.append(f"| {signal} top-{k} | " + " | ".join(f"{at[signal, k, n]:.2f}" for n in ns) + " |")
     return "\n".join(lines)
 
 
