@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from commer.backbone import load_backbone
 from commer.checkpoint import load_checkpoint
 from commer.data.tasks import load_splits
-from commer.experiments.memories import reference_recall
+from commer.experiments.memories import reference_recall, referenced_memories
 from commer.merge import dense_scores
 from commer.serving import Personalizer, bm25_scores
 
@@ -61,19 +61,17 @@ def main() -> None:
     args = parser.parse_args()
     model = load_checkpoint(args.checkpoint)
     personalizer = Personalizer(model, load_backbone(model.backbone_name).tokenizer)
-    # With one memory per question, PerLTQA's examples hold exactly the referenced memories.
-    truth = load_splits("perltqa", None, 1, 0, max_chars=10**9)[0]
     examples = load_splits("perltqa", None, args.n, 0, max_chars=10**9)[0]
     for split in args.split or ["train", "validation"]:
         texts = sorted({t for e in examples[split] for t in (e.instruction, *e.documents)})
         compressions = dict(zip(texts, personalizer.compress(texts), strict=True))
         recall: dict[tuple[str, int], list[float]] = {}
-        for e, t in zip(examples[split], truth[split], strict=True):
+        for e, referenced in zip(examples[split], referenced_memories(split), strict=True):
             memories = torch.stack([compressions[d] for d in e.documents])
             ranked = signals(model, compressions[e.instruction], memories, e.instruction, e.documents)
             for name, scores in ranked.items():
                 for k in (1, 2, 4):
-                    recall.setdefault((name, k), []).append(reference_recall(e, k, scores, set(t.documents)))
+                    recall.setdefault((name, k), []).append(reference_recall(e, k, scores, referenced))
         print(f"{split}: {len(examples[split])} questions, {args.n} memories each; reference recall of the top k")
         for name in dict.fromkeys(name for name, _ in recall):
             cells = "  ".join(f"top-{k} {sum(recall[name, k]) / len(recall[name, k]):.3f}" for k in (1, 2, 4))

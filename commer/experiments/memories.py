@@ -81,6 +81,12 @@ def reference_recall(example: Example, k: int, scores: torch.Tensor, referenced:
     return len(kept & referenced) / min(k, len(referenced))
 
 
+def referenced_memories(split: str, data_dir: str | None = None, seed: int = 0) -> list[set[str]]:
+    """Each PerLTQA ``split`` question's referenced memories, in question order: with one memory per question the
+    loader keeps exactly those (``commer.data.perltqa``). Retrieval's ground truth."""
+    return [set(e.documents) for e in load_splits("perltqa", data_dir, 1, seed, max_chars=10**9)[0][split]]
+
+
 def top_k_documents(example: Example, k: int, scores: torch.Tensor) -> Example:
     """``example`` with only its ``k`` best-scored documents (``commer.merge.top_k_indices``): the mean of their
     compressions is exactly the retrieval-merge profile of ``commer.merge.top_k_profile``."""
@@ -158,11 +164,7 @@ def run_memories(
     collators = {name: Collator(frozen_backbone.tokenizer, m.config, m.max_length) for name, m in models.items()}
     personalizer = Personalizer(commer, frozen_backbone.tokenizer)
 
-    # PerLTQA with one memory per question holds exactly the referenced ones (commer.data.perltqa): retrieval's truth.
-    referenced = None
-    if task == "perltqa":
-        truth = load_splits(task, data_dir, 1, seed, max_chars=10**9)[0][split][:max_examples]
-        referenced = [set(e.documents) for e in truth]
+    referenced = referenced_memories(split, data_dir, seed)[:max_examples] if task == "perltqa" else None
     points: list[Point] = []
     recalls: list[Recall] = []
     # Identical inputs score identically (greedy answers): "no documents" is the same at every n, and a retrieval-merge
