@@ -274,6 +274,7 @@ def memories(
     max_examples: int | None = typer.Option(None, help="Questions per number of memories (default all)."),
     generate_examples: int = typer.Option(40, help="Questions whose greedy answers are generated and scored."),
     summary: bool = typer.Option(True, help="Include the text summary (the slowest: every update is a generation)."),
+    text: bool = typer.Option(True, help="Include the documents as text (slow: prompts reach thousands of tokens)."),
 ) -> None:
     """Figure 5: every way of reading a user's memories (mean, retrieval-merge, prompt tuning, text summary, text)
     against the number of memories, on held-out users."""
@@ -281,7 +282,7 @@ def memories(
 
     run_memories(
         commer_checkpoint, prompt_tuning, output_dir, task, n, top_k, split, data_dir, max_examples, generate_examples,
-        summary=summary, progress=typer.echo,
+        summary=summary, text=text, progress=typer.echo,
     )  # fmt: skip
     typer.echo(f"wrote {output_dir}/memories.json, memories.md and memories.png")
 

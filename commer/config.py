@@ -143,6 +143,15 @@ class DataConfig:
     max_val_examples: int = setting(1024, "Validate on at most this many examples.")
     max_test_examples: int | None = setting(None, "Test on at most this many examples.")
     split_seed: int = setting(0, "Seed of the user-disjoint train/validation/test split.")
+    retrieve_top_k: int | None = setting(
+        None,
+        "Keep only each example's top-k documents by BM25 against its request: train and validate on the "
+        "retrieval-merged prompts that merge={'top_k': k} gives at answer time (None keeps all n_docs).",
+    )
+
+    def __post_init__(self) -> None:
+        if self.retrieve_top_k is not None and self.retrieve_top_k < 1:
+            raise ConfigError(f"retrieve_top_k must be >= 1 (or None for all documents), got {self.retrieve_top_k}")
 
 
 @dataclass

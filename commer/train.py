@@ -434,7 +434,8 @@ def run(
     accelerator = make_accelerator(cpu=resolve_device(config.device).type == "cpu")
     torch.manual_seed(config.train.seed)  # LoRA dropout; the data order has its own seeded RNG
     if splits is None:
-        splits = load_splits(config.data.task, config.data.data_dir, config.data.n_docs, config.data.split_seed)
+        data = config.data
+        splits = load_splits(data.task, data.data_dir, data.n_docs, data.split_seed, retrieve_top_k=data.retrieve_top_k)
     examples, split_info = splits
     train_examples = examples["train"][: config.data.max_train_examples]
     val_examples = examples["validation"][: config.data.max_val_examples]

@@ -2,9 +2,13 @@ import json
 
 import pytest
 
+from commer.config import DataConfig
 from commer.data.errors import DataError
 from commer.data.perltqa import MEMORY_FILE, QA_FILE, iter_qa, load_perltqa, persona_memories, referenced_ids
 from commer.data.splits import split_users
+from commer.data.tasks import keep_retrieved, load_splits
+from commer.errors import ConfigError
+from commer.text import Example
 
 pytest_plugins = ["data_fixtures"]
 
@@ -70,6 +74,28 @@ def test_sizes_one_and_more_than_a_persona_has(data_dir, raw):
     assert chen and all(len(e.documents) == 25 for e in chen)
     with pytest.raises(ValueError, match="at least 1"):
         load_perltqa(data_dir, n_docs=0)
+
+
+def test_retrieval_keeps_the_bm25_best_documents_in_profile_order():
+    documents = ["the cat sat on the mat", "stock markets fell sharply", "my favourite colour is blue"]
+    example = Example("u", documents, "What is your favourite colour?", "blue")
+    [one] = keep_retrieved([example], 1)
+    assert one.documents == ["my favourite colour is blue"]
+    assert (one.user_id, one.instruction, one.answer) == ("u", example.instruction, "blue")
+    [two] = keep_retrieved([example], 2)
+    assert len(two.documents) == 2 and two.documents[1] == documents[2] and two.documents[0] in documents[:2]
+    assert keep_retrieved([example], 5) == [example]
+    with pytest.raises(ConfigError, match="retrieve_top_k"):
+        DataConfig(retrieve_top_k=0)
+
+
+def test_splits_with_retrieval_hold_one_memory_of_the_same_examples(data_dir):
+    full, split = load_splits("perltqa", data_dir, 4, max_chars=10**9)
+    top, same_split = load_splits("perltqa", data_dir, 4, max_chars=10**9, retrieve_top_k=1)
+    assert same_split.users == split.users
+    for name in full:
+        for f, t in zip(full[name], top[name], strict=True):
+            assert len(t.documents) == 1 and t.documents[0] in f.documents and t.instruction == f.instruction
 
 
 def test_reference_forms():

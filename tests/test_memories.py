@@ -84,6 +84,14 @@ def test_every_method_at_every_number_of_memories(checkpoints, tmp_path):
     assert "| dense top-1 |" in (tmp_path / "memories.md").read_text()
 
 
+def test_choosing_k_on_validation_can_leave_out_the_slow_text_methods(checkpoints, tmp_path):
+    points = run_memories(
+        str(checkpoints / "commer"), None, tmp_path, memories=(2,), top_k=(1,), split="train",
+        data_dir=str(checkpoints / "data"), generate_examples=0, summary=False, text=False, progress=lambda _: None,
+    )  # fmt: skip
+    assert [p.method for p in points] == ["no documents", MEAN, "commer-dense-top1", "commer-bm25-top1"]
+
+
 def test_top_k_documents_keeps_the_best_in_their_order():
     example = Example("u", ["d0", "d1", "d2", "d3"], "q", "a")
     assert top_k_documents(example, 2, torch.tensor([0.1, 0.9, 0.0, 0.5])).documents == ["d1", "d3"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
-from commer.data.lamp import load_lamp7
+from commer.data.lamp import bm25_top, load_lamp7
 from commer.data.news import load_news
 from commer.data.perltqa import load_perltqa
 from commer.data.pretrain import ICAE_CONTINUATION, fineweb_pretrain, mixed_pretrain
@@ -69,6 +70,16 @@ def load_task(task: str, data_dir: str | Path | None = None, n_docs: int | None 
     return LOADERS[task](data_dir, DEFAULT_N_DOCS[task] if n_docs is None else n_docs, seed)
 
 
+def keep_retrieved(examples: Iterable[Example], k: int) -> list[Example]:
+    """Each example with only the ``k`` documents BM25 ranks highest against its request, in their original order:
+    the documents a retrieval-merge with BM25 and ``top_k=k`` would mean at answer time (``commer.serving.bm25_profile``
+    ranks with the same ``bm25_top``)."""
+    return [
+        replace(e, documents=[e.documents[i] for i in sorted(bm25_top(e.instruction, e.documents, k))])
+        for e in examples
+    ]
+
+
 def load_splits(
     task: str,
     data_dir: str | Path | None = None,
@@ -76,9 +87,12 @@ def load_splits(
     seed: int = 0,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     max_chars: int = MAX_EXAMPLE_CHARS,
+    retrieve_top_k: int | None = None,
 ) -> tuple[dict[str, list[Example]], SplitInfo]:
-    """``task``'s examples after the length filter, split by user into train/validation/test."""
+    """``task``'s examples after the length filter, split by user into train/validation/test; with
+    ``retrieve_top_k``, each keeps only its top-k documents by BM25 (``keep_retrieved``) before the filter."""
     loaded = load_task(task, data_dir, n_docs, seed)
-    kept, _ = filter_by_length(loaded.examples, max_chars)
+    examples = loaded.examples if retrieve_top_k is None else keep_retrieved(loaded.examples, retrieve_top_k)
+    kept, _ = filter_by_length(examples, max_chars)
     split = split_users((e.user_id for e in loaded.examples), fractions, seed)
     return split.apply(kept), split

@@ -141,11 +141,13 @@ def run_memories(
     max_new_tokens: int = 32,
     seed: int = 0,
     summary: bool = True,
+    text: bool = True,
     progress: Callable[[str], None] = print,
 ) -> list[Point]:
     """Every method at every number of memories on ``split``'s questions of ``task``; writes ``memories.json``,
     ``memories.md`` and ``memories.png`` to ``output_dir`` and returns the points. ``summary=False`` leaves out the
-    text summary (each of its updates is a generation: the slowest method to evaluate)."""
+    text summary (each of its updates is a generation: the slowest method to evaluate), ``text=False`` the documents
+    as text (their prompts reach thousands of tokens): what choosing ComMer's settings on validation does without."""
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if any(k < 1 for k in top_k) or any(n < 1 for n in memories):
@@ -176,12 +178,14 @@ def run_memories(
         if not examples:
             raise ConfigError(f"no {split} examples of {task}")
         progress(f"{n} memories: {len(examples)} {split} questions")
-        as_text = [Example(e.user_id, [], documents_as_text(e.documents, e.instruction), e.answer) for e in examples]
         methods: list[tuple[str, str, list[Example]]] = [
-            (NO_DOCS, "frozen", [Example(e.user_id, [], e.instruction, e.answer) for e in examples]),
-            (TEXT, "frozen", as_text),
-            (MEAN, "commer", list(examples)),
+            (NO_DOCS, "frozen", [Example(e.user_id, [], e.instruction, e.answer) for e in examples])
         ]
+        if text:
+            prompts = [documents_as_text(e.documents, e.instruction) for e in examples]
+            as_text = [Example(e.user_id, [], p, e.answer) for e, p in zip(examples, prompts, strict=True)]
+            methods.append((TEXT, "frozen", as_text))
+        methods.append((MEAN, "commer", list(examples)))
         if summary:
             summaries = summarize(frozen, collators["frozen"], [e.documents for e in examples])
             methods.append((SUMMARY, "frozen", [with_summary(e, s) for e, s in zip(examples, summaries, strict=True)]))
