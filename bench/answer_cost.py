@@ -14,7 +14,7 @@ The models are untrained: latency and token counts do not depend on the weights'
 Retrieval-merge: one user's profile in a SQLite store (a temporary file) with N stored compressions (random vectors of
 the model's shape: the cost does not depend on their values). Per request, timed side by side, medians: selecting the
 soft prompt by the mean (read the running sum: what ``generate`` does by default), by dense retrieval-merge (read the N
-compressions, compress the request, rank by centred cosine, mean the top-k) and by BM25 retrieval-merge (read the N
+compressions, compress the request, rank by cosine, mean the top-k) and by BM25 retrieval-merge (read the N
 compressions and texts, rank the texts); then decoding one answer from K vectors, the same after any of them.
 """
 

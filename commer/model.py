@@ -89,7 +89,7 @@ class SoftPromptLM(nn.Module):
         for lm in dict.fromkeys((self.lm, self.generator_lm)):  # ComMer's generator view has layers of its own
             if enabled:
                 lm.activation_checkpointing_enable()
-            else:
+            elif lm.is_activation_checkpointing:  # Hugging Face's disable fails on a model that never enabled it
                 lm.activation_checkpointing_disable()
         if self.generator_lm is not self.lm:
             # A layer is checkpointed only while it is training. ComMer's generator view stays in eval mode (it is not

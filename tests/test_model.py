@@ -314,6 +314,7 @@ def test_activation_checkpointing_keeps_less_for_the_same_gradients(method):
     model, backbone = build(config, backbone=tiny_backbone())
     perturb_zero_init(model)
     batch = _collate(backbone, model)
+    model.checkpoint_activations(False)  # off when never on: nothing to undo
     plain_bytes, plain_grads = _kept_bytes_and_grads(model, batch)
     tokens = model.eval().generate(batch, eos_token_id=-1, pad_token_id=1, max_new_tokens=4)
     model.checkpoint_activations()
