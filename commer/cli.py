@@ -89,7 +89,8 @@ def quickstart(
     lr_lora: float = typer.Option(1e-3, help="LoRA learning rate."),
     contrast_weight: float = typer.Option(QUICKSTART_CONTRAST_WEIGHT, help=help_of(TrainConfig, "contrast_weight")),
     test_users: int = typer.Option(64),
-    activation_checkpointing: bool = typer.Option(False, help=help_of(TrainConfig, "activation_checkpointing")),
+    activation_checkpointing: bool = typer.Option(True, help=help_of(TrainConfig, "activation_checkpointing")),
+    trim_heap: bool = typer.Option(True, help=help_of(TrainConfig, "trim_heap")),
 ) -> None:
     """Fine-tune the shipped compressor on LaMP-7 (or the recall probe) and show on held-out users whether
     documents help (12 to 24 min on 2 CPU cores)."""
@@ -112,6 +113,7 @@ def quickstart(
         contrast_weight=contrast_weight,
         test_users=test_users,
         activation_checkpointing=activation_checkpointing,
+        trim_heap=trim_heap,
     )
 
 

@@ -185,6 +185,11 @@ class TrainConfig:
         "Recompute each decoder layer's activations in the backward pass instead of keeping them: much less memory "
         "per step for about one more forward pass (docs/benchmarks.md).",
     )
+    trim_heap: bool = setting(
+        False,
+        "After every optimizer step, give the heap's freed memory back to the system (glibc's malloc_trim): less "
+        "resident memory over a long run for some time per step (docs/benchmarks.md).",
+    )
     init_from: str | None = setting(
         None, "A checkpoint to start from: a folder, or 'pretrained' (the compressor shipped with the package)."
     )

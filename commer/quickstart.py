@@ -34,6 +34,7 @@ from commer.errors import ConfigError
 from commer.evaluate import NONE, OTHER, OWN, copy_input, document_variants, generate, perplexity
 from commer.model import ComMer
 from commer.text import Collator
+from commer.train import cap_onednn_cache
 from commer.train import run as train_run
 
 # Differences under 1% in perplexity are within what another seed or another 64 users would change.
@@ -79,7 +80,8 @@ def quickstart(
     contrast_weight: float = QUICKSTART_CONTRAST_WEIGHT,
     val_users: int = 48,
     test_users: int = 64,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool = True,
+    trim_heap: bool = True,
     show: int = 4,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -87,9 +89,12 @@ def quickstart(
 
     ``init``: the checkpoint fine-tuning starts from (default the shipped pretrained compressor; its config fixes K,
     the LoRA rank and the bridge); ``None`` starts from an untrained ComMer of ``num_embeddings``,
-    ``compression_norm`` and ``bridge``, pretrained here for ``pretrain_steps`` steps first."""
+    ``compression_norm`` and ``bridge``, pretrained here for ``pretrain_steps`` steps first.
+    ``activation_checkpointing`` and ``trim_heap`` (on by default) keep the quickstart under 2.5 GB of resident memory
+    instead of 7 GB, for about 1.1x the wall time (docs/benchmarks.md, session 9)."""
     if task not in ("lamp7", "recall"):
         raise ConfigError(f"task must be 'lamp7' or 'recall', got {task!r}")
+    cap_onednn_cache()  # before the first evaluation: oneDNN reads it once
     start = time.perf_counter()
     torch.manual_seed(seed)
     backbone = load_backbone(backbone_spec)
@@ -107,6 +112,7 @@ def quickstart(
         lr_lora=lr_lora,
         contrast_weight=contrast_weight,
         activation_checkpointing=activation_checkpointing,
+        trim_heap=trim_heap,
         log_every=5,
         seed=seed,
     )

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -63,12 +64,46 @@ def return_freed_memory(mmap_threshold: int = 1 << 16) -> bool:
     freed. The price is a page fault per page of every large tensor: bench/memory_stages.py measured 4.7 -> 1.6 GB
     resident after 20 training steps, but 6.6 s per step against 4.0, so the ``commer`` command does it only with
     ``COMMER_LOW_MEMORY=1``."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters, from glibc's malloc.h
     return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold, 1 << 20))
+
+
+def trim_heap() -> bool:
+    """Give the heap's freed memory back to the system now (glibc's ``malloc_trim``; a no-op elsewhere); returns
+    whether it could. ``train.trim_heap`` calls it after every optimizer step: the allocator keeps its defaults (no
+    page fault per page of every large tensor, unlike ``return_freed_memory``), but what one step freed does not stay
+    resident into the next (docs/benchmarks.md)."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)  # its result says whether memory was released, not whether the call worked
+    return True
+
+
+# oneDNN primitives kept cached while training (its default is 1,024): docs/benchmarks.md, session 9
+ONEDNN_CACHE_CAPACITY = 64
+
+
+def cap_onednn_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
+    """Keep at most ``capacity`` oneDNN primitives cached, unless ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` is already set.
+
+    Why: on a CPU, bfloat16 autocast runs matmuls through oneDNN, which builds and caches a kernel (a primitive, with
+    its scratch memory) per input shape. Training meets new shapes at nearly every micro batch, and the default cache
+    of 1,024 primitives held about 0.4 GB more at the loop's peak (bench/memory_stages.py: 2.15 -> 1.76 GB with
+    checkpointing and trimming), with no slower steps at 64. oneDNN reads the variable once, at the process's first
+    such matmul: later calls change nothing."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
 def param_groups(model: SoftPromptLM, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -314,6 +349,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if cfg.trim_heap:
+            trim_heap()
         self.step += 1
         return step_loss, tokens
 
@@ -431,6 +468,7 @@ def run(
     (``splits``, or the config's task loaded and split by user), the model (``model`` on ``backbone``, or built from the
     config), training, and the best checkpoint loaded back into the model. The split is written next to the
     checkpoints. Returns the training summary."""
+    cap_onednn_cache()
     accelerator = make_accelerator(cpu=resolve_device(config.device).type == "cpu")
     torch.manual_seed(config.train.seed)  # LoRA dropout; the data order has its own seeded RNG
     if splits is None:

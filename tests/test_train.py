@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from dataclasses import replace
@@ -16,7 +17,17 @@ from commer.config import ComMerConfig, RunConfig, TrainConfig, load_config
 from commer.errors import ConfigError
 from commer.model import build_model
 from commer.text import Example
-from commer.train import Trainer, build, contrast_hinge, contrast_partners, param_groups, return_freed_memory
+from commer.train import (
+    ONEDNN_CACHE_CAPACITY,
+    Trainer,
+    build,
+    cap_onednn_cache,
+    contrast_hinge,
+    contrast_partners,
+    param_groups,
+    return_freed_memory,
+    trim_heap,
+)
 
 
 def _examples(n: int, seed: int = 0) -> list[Example]:
@@ -191,3 +202,28 @@ def test_the_contrast_term_is_the_weighted_mean_hinge_and_trains_the_bridge(tmp_
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_glibc_is_told_to_return_freed_memory():
     assert return_freed_memory() is True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_trimming_the_heap_between_steps_changes_no_weight(tmp_path):
+    """``train.trim_heap`` only hands freed memory back: the same run with it ends with the same weights."""
+    assert trim_heap() is True
+    ends = []
+    for trim in (False, True):
+        torch.manual_seed(0)
+        trainer, _ = _run(tmp_path / str(trim), max_steps=3, lr_lora=1e-3, trim_heap=trim)
+        trainer.fit()
+        ends.append(trainer.model.trainable_state())
+    assert ends[0].keys() == ends[1].keys()
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+
+
+def test_the_onednn_cache_cap_is_set_unless_the_user_set_one(monkeypatch):
+    name = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+    monkeypatch.setenv(name, "unset")
+    monkeypatch.delenv(name)  # recorded, so the value set below is undone after the test
+    cap_onednn_cache()
+    assert os.environ[name] == str(ONEDNN_CACHE_CAPACITY) == "64"
+    monkeypatch.setenv(name, "512")
+    cap_onednn_cache()
+    assert os.environ[name] == "512"
