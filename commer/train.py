@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import math
 import os
@@ -76,10 +77,10 @@ def trim_heap() -> bool:
     whether it could. ``train.trim_heap`` calls it after every optimizer step: the allocator keeps its defaults (no
     page fault per page of every large tensor, unlike ``return_freed_memory``), but what one step freed does not stay
     resident into the next (docs/benchmarks.md)."""
-    libc = _glibc()
-    if libc is None:
+    malloc_trim = getattr(_glibc(), "malloc_trim", None)  # glibc only: not in every C library
+    if malloc_trim is None:
         return False
-    libc.malloc_trim(0)  # its result says whether memory was released, not whether the call worked
+    malloc_trim(0)  # its result says whether memory was released, not whether the call worked
     return True
 
 
@@ -98,12 +99,12 @@ def cap_onednn_cache(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
+@functools.cache  # trim_heap runs after every optimizer step: load the library once
 def _glibc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:
         return None
-    return libc if hasattr(libc, "malloc_trim") else None
 
 
 def param_groups(model: SoftPromptLM, cfg: TrainConfig) -> list[dict[str, Any]]:
