@@ -2,6 +2,7 @@
 backbone on the same input, side by side.
 
     python bench/decode_speed.py [--backbone smollm2-135m] [--batch 1 16] [--new-tokens 32] [--rounds 3]
+                                 [--static-compile]
 
 Both sides read the same ``inputs_embeds`` (K=16 soft-prompt vectors from an untrained ComMer's task prompt, then a
 LaMP-7 request) and decode greedily, ignoring EOS, so they do the same work. The time per decoding step is measured
@@ -10,6 +11,10 @@ without the prefill: (time for ``1 + n`` new tokens - time for 1) / n. Each dtyp
 
 The bound printed beside the tokens/s is what memory bandwidth allows at batch 1: every step reads every weight once,
 so steps/s <= bandwidth / weight bytes, with the bandwidth measured here by copying a 512 MB tensor.
+
+``--static-compile`` also times HF ``generate()`` with a static (pre-allocated) KV cache and its forward pass compiled
+by ``torch.compile`` (inductor, forced on the CPU, which HF does not compile by default), after the same warm-up, and
+says whether its greedy tokens equal commer's: what a static cache and compilation would buy commer's loop.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from transformers import CompileConfig
 
 from commer.backbone import load_backbone
 from commer.config import DEFAULT_BACKBONE, DEFAULT_K, ComMerConfig
@@ -61,6 +67,8 @@ def measure(dtype: torch.dtype, args: argparse.Namespace, requests: list[str], g
     hf = load_backbone(args.backbone, dtype=dtype)  # a separate plain copy: what a user of HF alone would run
     collator = Collator(hf.tokenizer, commer.config, commer.max_length)
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.model.parameters())
+    compile_config = CompileConfig(mode="default")  # for --static-compile; "reduce-overhead" means CUDA graphs
+    compile_config._compile_all_devices = True  # HF compiles on accelerators only unless told
     for b in args.batch:
         batch = collator([Example(f"u{i}", [], r) for i, r in enumerate(requests[:b])], with_answers=False)
         prefix, prefix_mask = commer.prefix(batch)
@@ -79,15 +87,29 @@ def measure(dtype: torch.dtype, args: argparse.Namespace, requests: list[str], g
                 do_sample=False, pad_token_id=collator.pad_id,
             )  # fmt: skip
 
-        ms = {
-            name: 1e3 * per_step(run, args.new_tokens, args.rounds) for name, run in (("commer", ours), ("hf", theirs))
-        }
+        runs = {"commer": ours, "hf": theirs}
+        if args.static_compile:
+
+            def static(n: int, embeds=embeds, mask=mask) -> torch.Tensor:
+                return hf.model.generate(
+                    inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                    pad_token_id=collator.pad_id, cache_implementation="static", compile_config=compile_config,
+                )  # fmt: skip
+
+            runs["static"] = static
+        ms = {name: 1e3 * per_step(run, args.new_tokens, args.rounds) for name, run in runs.items()}
         bound = gb_s * 1e9 / weight_bytes if b == 1 else float("nan")
         print(
             f" {str(dtype).removeprefix('torch.'):8} | {b:5} | {ms['commer']:14.1f} | {ms['hf']:10.1f} | "
             f"{ms['commer'] / ms['hf']:9.2f} | {1e3 * b / ms['commer']:12.1f} | {1e3 * b / ms['hf']:8.1f} | "
             f"{bound:17.1f}"
         )
+        if args.static_compile:
+            same = torch.equal(ours(args.new_tokens), runs["static"](args.new_tokens))
+            print(
+                f"   HF static cache + torch.compile, batch {b}: {ms['static']:.1f} ms/step, commer/that "
+                f"{ms['commer'] / ms['static']:.2f}, same greedy tokens as commer: {'yes' if same else 'no'}"
+            )
 
 
 def main() -> None:
@@ -97,6 +119,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--static-compile", action="store_true", help="Also time HF with a static cache, compiled.")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 

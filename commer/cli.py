@@ -272,6 +272,11 @@ def memories(
     n: list[int] = typer.Option(list(MEMORIES), help="Numbers of memories per question."),
     top_k: list[int] = typer.Option([2], help="Retrieval-merge's k (one row per value and relevance signal)."),
     split: str = typer.Option("test", help="'validation' to choose settings (top-k), 'test' to report them once."),
+    min_margin: list[float] = typer.Option(
+        [0.0],
+        help="Retrieval-merge keeps its top k only if they stand out by this margin, else means all (one row "
+        "per value; commer.merge.top_k_indices).",
+    ),
     data_dir: str | None = typer.Option(None, help="The shared data folder."),
     max_examples: int | None = typer.Option(None, help="Questions per number of memories (default all)."),
     generate_examples: int = typer.Option(40, help="Questions whose greedy answers are generated and scored."),
@@ -283,8 +288,8 @@ def memories(
     from commer.experiments.memories import run_memories
 
     run_memories(
-        commer_checkpoint, prompt_tuning, output_dir, task, n, top_k, split, data_dir, max_examples, generate_examples,
-        summary=summary, text=text, progress=typer.echo,
+        commer_checkpoint, prompt_tuning, output_dir, task, n, top_k, split, min_margin, data_dir, max_examples,
+        generate_examples, summary=summary, text=text, progress=typer.echo,
     )  # fmt: skip
     typer.echo(f"wrote {output_dir}/memories.json, memories.md and memories.png")
 

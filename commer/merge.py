@@ -145,19 +145,35 @@ def dense_scores(query: torch.Tensor, compressions: torch.Tensor) -> torch.Tenso
     return torch.nn.functional.cosine_similarity(flat, q[None], dim=1)
 
 
-def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_indices(scores: torch.Tensor, k: int, min_margin: float = 0.0) -> torch.Tensor:
     """The indices of the ``k`` best of ``(n,)`` scores (ties: the earlier one), in their original order; all ``n``
-    when ``k >= n``."""
+    when ``k >= n``.
+
+    ``min_margin`` in ``[0, 1]`` keeps the top ``k`` only where the ranking is sure of them: the ``k``-th best score
+    must exceed the next one by at least ``min_margin`` times the best score, else all ``n`` are kept (the mean). Why:
+    a soft prompt built on a wrong document costs more than the mean of all (PerLTQA, docs/results.md), and BM25's
+    margin says when its first pick is likely right. ``0`` always keeps the top ``k``. The scale is the signal's own
+    (BM25 and cosine scores differ): choose it on validation users."""
     if k < 1:
         raise ValueError(f"top_k must be >= 1, got {k}")
+    if not 0.0 <= min_margin <= 1.0:
+        raise ValueError(f"min_margin must be in [0, 1], got {min_margin}")
     n = scores.shape[0]
-    return torch.arange(n) if k >= n else torch.argsort(scores, descending=True, stable=True)[:k].sort().values
+    if k >= n:
+        return torch.arange(n)
+    order = torch.argsort(scores, descending=True, stable=True)
+    if min_margin > 0:
+        best, kth, next_ = (float(scores[i]) for i in (order[0], order[k - 1], order[k]))
+        if best <= 0 or kth - next_ < min_margin * best:
+            return torch.arange(n)
+    return order[:k].sort().values
 
 
-def top_k_profile(compressions: torch.Tensor, scores: torch.Tensor, k: int) -> ProfileState:
-    """Retrieval-merge: the profile of the ``k`` best-scored of ``(n, K, D)`` compressions (``top_k_indices``). With
-    ``k >= n`` every document is kept in its order, so the result equals the running mean exactly."""
+def top_k_profile(compressions: torch.Tensor, scores: torch.Tensor, k: int, min_margin: float = 0.0) -> ProfileState:
+    """Retrieval-merge: the profile of the ``k`` best-scored of ``(n, K, D)`` compressions (``top_k_indices``, with its
+    ``min_margin``). With ``k >= n`` every document is kept in its order, so the result equals the running mean
+    exactly."""
     n = compressions.shape[0]
     if scores.shape != (n,):
         raise ValueError(f"{tuple(scores.shape)} scores for {n} compressions")
-    return ProfileState.from_compressions(compressions[top_k_indices(scores, k)])
+    return ProfileState.from_compressions(compressions[top_k_indices(scores, k, min_margin)])

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from commer.backbone import Backbone, load_backbone
 from commer.checkpoint import PRETRAINED, load_checkpoint
 from commer.config import DEFAULT_BACKBONE, DEFAULT_K, ComMerConfig
-from commer.data.lamp import bm25_top
+from commer.data.lamp import score_tokens, tokenize
 from commer.errors import ConfigError
 from commer.evaluate import autocast
 from commer.merge import ProfileState, dense_scores, stack_profiles, top_k_profile
@@ -105,14 +105,21 @@ class Personalizer:
         return prefix.to(dtype), mask
 
     def retrieval_profile(
-        self, request: str, compressions: torch.Tensor, top_k: int, texts: Sequence[str] | None = None
+        self,
+        request: str,
+        compressions: torch.Tensor,
+        top_k: int,
+        texts: Sequence[str] | None = None,
+        min_margin: float = 0.0,
     ) -> ProfileState:
         """Retrieval-merge: the profile of the ``top_k`` of a user's ``(n, K, D)`` document compressions most relevant
         to ``request``, by BM25 over ``texts`` when given, else by the cosine similarity of each compression with the
-        request's own (compressed by this model: no text needs storing). ``top_k >= n`` is the plain mean."""
+        request's own (compressed by this model: no text needs storing). ``top_k >= n`` is the plain mean, and so is
+        a ranking whose top k do not stand out from the rest by ``min_margin`` (``commer.merge.top_k_indices``)."""
         if texts is not None:
-            return bm25_profile(request, compressions, texts, top_k)
-        return top_k_profile(compressions, dense_scores(self.compress([request])[0], compressions), top_k)
+            return bm25_profile(request, compressions, texts, top_k, min_margin)
+        scores = dense_scores(self.compress([request])[0], compressions)
+        return top_k_profile(compressions, scores, top_k, min_margin)
 
     @torch.no_grad()
     def compress(
@@ -227,20 +234,20 @@ def sampling_generators(
 
 
 def bm25_scores(request: str, texts: Sequence[str]) -> torch.Tensor:
-    """Relevance of each of ``texts`` to ``request`` by BM25, as its rank turned into a score: ``(n,)``, n for the
-    best text down to 1 for the worst (ties: the earlier text ranks higher)."""
-    n = len(texts)
-    scores = torch.zeros(n)
-    scores[bm25_top(request, texts, n)] = torch.arange(n, 0, -1, dtype=torch.float32)
-    return scores
+    """``(n,)`` BM25 scores of ``texts`` against ``request`` (float64; 0 where a text shares no word with it)."""
+    query, *documents = tokenize([request, *texts])
+    return torch.from_numpy(score_tokens(query, documents))
 
 
-def bm25_profile(request: str, compressions: torch.Tensor, texts: Sequence[str], top_k: int) -> ProfileState:
-    """Retrieval-merge ranked by BM25 of ``request`` over the ``texts`` of the ``(n, K, D)`` ``compressions``: no
-    model is involved, so a service runs it beside the model worker, not on it."""
+def bm25_profile(
+    request: str, compressions: torch.Tensor, texts: Sequence[str], top_k: int, min_margin: float = 0.0
+) -> ProfileState:
+    """Retrieval-merge ranked by BM25 of ``request`` over the ``texts`` of the ``(n, K, D)`` ``compressions``
+    (``min_margin``: see ``commer.merge.top_k_indices``): no model is involved, so a service runs it beside the model
+    worker, not on it."""
     if len(texts) != compressions.shape[0]:
         raise ValueError(f"{len(texts)} texts for {compressions.shape[0]} compressions")
-    return top_k_profile(compressions, bm25_scores(request, texts), top_k)
+    return top_k_profile(compressions, bm25_scores(request, texts), top_k, min_margin)
 
 
 def load_personalizer(

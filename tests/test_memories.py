@@ -84,12 +84,18 @@ def test_every_method_at_every_number_of_memories(checkpoints, tmp_path):
     assert "| dense top-1 |" in (tmp_path / "memories.md").read_text()
 
 
-def test_choosing_k_on_validation_can_leave_out_the_slow_text_methods(checkpoints, tmp_path):
+def test_choosing_k_and_the_margin_on_validation_can_leave_out_the_slow_text_methods(checkpoints, tmp_path):
     points = run_memories(
-        str(checkpoints / "commer"), None, tmp_path, memories=(2,), top_k=(1,), split="train",
+        str(checkpoints / "commer"), None, tmp_path, memories=(2,), top_k=(1,), split="train", min_margins=(0, 0.5),
         data_dir=str(checkpoints / "data"), generate_examples=0, summary=False, text=False, progress=lambda _: None,
     )  # fmt: skip
-    assert [p.method for p in points] == ["no documents", MEAN, "commer-dense-top1", "commer-bm25-top1"]
+    assert [p.method for p in points] == [
+        "no documents", MEAN, "commer-dense-top1", "commer-bm25-top1", "commer-dense-top1-margin0.5",
+        "commer-bm25-top1-margin0.5",
+    ]  # fmt: skip
+    record = json.loads((tmp_path / "memories.json").read_text())
+    shares = {(r["signal"], r["min_margin"]): r["mean_share"] for r in record["reference_recall"]}
+    assert shares[("bm25", 0)] == shares[("dense", 0)] == 0.0 and all(0 <= s <= 1 for s in shares.values())
 
 
 def test_top_k_documents_keeps_the_best_in_their_order():
@@ -106,3 +112,5 @@ def test_reference_recall_counts_the_referenced_memories_in_the_top_k():
     assert reference_recall(example, 2, scores, {"d3", "d2"}) == 0.5
     # out of the at most k it could hold
     assert reference_recall(example, 1, scores, {"d1", "d2"}) == 1.0
+    # below the margin all are kept: the referenced memory is among them
+    assert reference_recall(example, 1, scores, {"d3"}, min_margin=0.9) == 1.0

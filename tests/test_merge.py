@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from commer.merge import ProfileState, dense_scores, merge_batch, stack_profiles, top_k_profile
+from commer.merge import ProfileState, dense_scores, merge_batch, stack_profiles, top_k_indices, top_k_profile
 
 K, D = 3, 5
 
@@ -96,6 +96,22 @@ def test_top_k_keeps_the_best_scored_documents():
     assert merged.count == 2 and torch.equal(merged.mean(), torch.full((2, 3), 2.0))  # documents 1 and 3
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         top_k_profile(compressions, torch.zeros(4), 0)
+
+
+def test_a_top_k_that_does_not_stand_out_by_min_margin_falls_back_to_the_mean():
+    scores = torch.tensor([1.0, 4.0, 3.0, 0.0])  # best 4; top-1 stands out by (4 - 3) / 4, top-2 by (3 - 1) / 4
+    everything = torch.arange(4)
+    assert top_k_indices(scores, 1, 0.25).tolist() == [1]
+    assert torch.equal(top_k_indices(scores, 1, 0.26), everything)
+    assert top_k_indices(scores, 2, 0.5).tolist() == [1, 2]
+    assert torch.equal(top_k_indices(scores, 2, 0.51), everything)
+    assert top_k_indices(scores, 1, 0.0).tolist() == top_k_indices(scores, 1).tolist() == [1]
+    assert torch.equal(top_k_indices(torch.zeros(4), 1, 0.1), everything)  # no score above 0: nothing stands out
+    compressions = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(0))
+    merged = top_k_profile(compressions, scores, 1, 0.9)
+    assert merged.count == 4 and torch.equal(merged.sum, ProfileState.from_compressions(compressions).sum)
+    with pytest.raises(ValueError, match="min_margin must be in"):
+        top_k_indices(scores, 1, 1.5)
 
 
 def test_dense_scores_rank_the_request_s_own_compression_first():

@@ -131,6 +131,7 @@ def test_bm25_retrieval_merge_over_http(client, personalizer):
     assert int(bm25_scores(INSTRUCTION, docs).argmax()) == 1
     [expected] = personalizer.generate([plan], [INSTRUCTION], max_new_tokens=8)
     assert answer(top_k=1) == expected
+    assert answer(top_k=1, min_margin=0.9) == expected  # the other texts score 0: the first stands out fully
     [mean] = personalizer.generate([ProfileState.from_compressions(compressions)], [INSTRUCTION], max_new_tokens=8)
     assert answer(top_k=3) == mean
 
@@ -201,6 +202,7 @@ def test_missing_or_wrong_key_is_401(server, headers):
         ("generate", {"instruction": "hi", "merge": {"top_k": 1025}}, 422, "less than or equal to 1024"),
         ("generate", {"instruction": "hi", "merge": {"top_k": 2, "by": "x"}}, 422, "'dense' or 'bm25'"),
         ("generate", {"instruction": "hi", "merge": {"top_k": 2, "k": 1}}, 422, "extra"),
+        ("generate", {"instruction": "hi", "merge": {"top_k": 2, "min_margin": 1.5}}, 422, "less than or equal to 1"),
     ],
 )
 def test_bad_input_is_a_clear_4xx(client, path, body, status, message):

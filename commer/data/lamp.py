@@ -57,12 +57,17 @@ def rank_tokens(query: list[str], documents: Sequence[list[str]], n: int) -> lis
     n = min(n, len(documents))
     if n <= 0:
         return []
+    return np.argsort(-score_tokens(query, documents), kind="stable")[:n].tolist()
+
+
+def score_tokens(query: list[str], documents: Sequence[list[str]]) -> np.ndarray:
+    """``(n,)`` BM25 scores of the documents against ``query`` (all pre-tokenized): 0 for a document sharing no word
+    with it, and for every document when the query or all documents are empty."""
     if not query or not any(documents):
-        return list(range(n))
+        return np.zeros(len(documents))
     retriever = bm25s.BM25()
     retriever.index(list(documents), show_progress=False)
-    scores = retriever.get_scores(query) if retriever.get_tokens_ids(query) else np.zeros(len(documents))
-    return np.argsort(-scores, kind="stable")[:n].tolist()
+    return retriever.get_scores(query) if retriever.get_tokens_ids(query) else np.zeros(len(documents))
 
 
 def bm25_top(query: str, texts: Sequence[str], n: int) -> list[int]:

@@ -9,7 +9,8 @@ ones it refers to) are answered by:
 - ``prompt tuning``: its trained soft prompt, the n memories as text;
 - ``commer-mean``: ComMer, the mean of the n compressions (the paper's Figure 5);
 - ``commer-dense-top{k}`` / ``commer-bm25-top{k}``: retrieval-merge, the mean of the k compressions most relevant to
-  the question, by the cosine of compressions (no text stored) or by BM25 over the memories' texts.
+  the question, by the cosine of compressions (no text stored) or by BM25 over the memories' texts; with a
+  ``-margin{m}`` suffix, the mean of all where the top k do not stand out by ``m`` (``commer.merge.top_k_indices``).
 
 Each gets the perplexity of the gold answer, ROUGE-1/L of its greedy answer, and the generator's prompt tokens (soft
 prompt + text prompt). On PerLTQA, where each question names the memories it refers to, each relevance signal also gets
@@ -19,6 +20,7 @@ a Markdown table and a PNG.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -71,14 +73,18 @@ class Recall:
     signal: str
     k: int
     memories: int
-    reference_recall: float  # mean over questions of |top k & referenced| / min(k, |referenced|)
+    reference_recall: float  # mean over questions of |kept & referenced| / min(|kept|, |referenced|)
+    min_margin: float = 0.0
+    mean_share: float = 0.0  # the share of questions whose top k did not stand out by min_margin: all were kept
 
 
-def reference_recall(example: Example, k: int, scores: torch.Tensor, referenced: set[str]) -> float:
-    """The share of ``example``'s ``referenced`` memories that its top ``k`` by ``scores`` holds, out of the at most
-    ``k`` it could hold: 1.0 when retrieval-merge keeps what the question needs."""
-    kept = set(top_k_documents(example, k, scores).documents)
-    return len(kept & referenced) / min(k, len(referenced))
+def reference_recall(
+    example: Example, k: int, scores: torch.Tensor, referenced: set[str], min_margin: float = 0.0
+) -> float:
+    """The share of ``example``'s ``referenced`` memories that retrieval-merge keeps (its top ``k`` by ``scores``, or
+    all of them below ``min_margin``), out of the most it could hold: 1.0 when it keeps what the question needs."""
+    kept = set(top_k_documents(example, k, scores, min_margin).documents)
+    return len(kept & referenced) / min(len(kept), len(referenced))
 
 
 def referenced_memories(split: str, data_dir: str | None = None, seed: int = 0) -> list[set[str]]:
@@ -87,10 +93,10 @@ def referenced_memories(split: str, data_dir: str | None = None, seed: int = 0) 
     return [set(e.documents) for e in load_splits("perltqa", data_dir, 1, seed, max_chars=10**9)[0][split]]
 
 
-def top_k_documents(example: Example, k: int, scores: torch.Tensor) -> Example:
-    """``example`` with only its ``k`` best-scored documents (``commer.merge.top_k_indices``): the mean of their
-    compressions is exactly the retrieval-merge profile of ``commer.merge.top_k_profile``."""
-    keep = top_k_indices(scores, k).tolist()
+def top_k_documents(example: Example, k: int, scores: torch.Tensor, min_margin: float = 0.0) -> Example:
+    """``example`` with only its ``k`` best-scored documents (``commer.merge.top_k_indices``, with its ``min_margin``):
+    the mean of their compressions is exactly the retrieval-merge profile of ``commer.merge.top_k_profile``."""
+    keep = top_k_indices(scores, k, min_margin).tolist()
     return Example(example.user_id, [example.documents[i] for i in keep], example.instruction, example.answer)
 
 
@@ -135,6 +141,7 @@ def run_memories(
     memories: Sequence[int] = MEMORIES,
     top_k: Sequence[int] = (2,),
     split: str = "test",
+    min_margins: Sequence[float] = (0.0,),
     data_dir: str | None = None,
     max_examples: int | None = None,
     generate_examples: int = 40,
@@ -152,6 +159,8 @@ def run_memories(
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if any(k < 1 for k in top_k) or any(n < 1 for n in memories):
         raise ConfigError(f"memories and top_k must be >= 1, got {list(memories)} and {list(top_k)}")
+    if any(not 0 <= m <= 1 for m in min_margins):
+        raise ConfigError(f"min_margin must be in [0, 1], got {list(min_margins)}")
     commer = load_checkpoint(commer_checkpoint)
     if not isinstance(commer, ComMer):
         raise ConfigError(f"{commer_checkpoint} is not a ComMer checkpoint")
@@ -195,15 +204,19 @@ def run_memories(
             "dense": dense_relevance(personalizer, examples),
             "bm25": [bm25_scores(e.instruction, e.documents) for e in examples],
         }
-        for k in top_k:
-            for signal, scores in relevance.items():
-                selected = [top_k_documents(e, k, s) for e, s in zip(examples, scores, strict=True)]
-                methods.append((f"commer-{signal}-top{k}", "commer", selected))
-                if referenced is not None:
-                    rows = zip(examples, scores, referenced, strict=True)
-                    hits = [reference_recall(e, k, s, refs) for e, s, refs in rows]
-                    recalls.append(Recall(signal, k, n, sum(hits) / len(hits)))
-                    progress(f"  {signal} top-{k} holds {recalls[-1].reference_recall:.1%} of the referenced memories")
+        for k, margin, (signal, scores) in itertools.product(top_k, min_margins, relevance.items()):
+            selected = [top_k_documents(e, k, s, margin) for e, s in zip(examples, scores, strict=True)]
+            methods.append((f"commer-{signal}-top{k}" + (f"-margin{margin:g}" if margin else ""), "commer", selected))
+            if referenced is not None:
+                rows = zip(examples, scores, referenced, strict=True)
+                hits = [reference_recall(e, k, s, refs, margin) for e, s, refs in rows]
+                kept_all = [len(c.documents) == len(e.documents) > k for c, e in zip(selected, examples, strict=True)]
+                mean_share = sum(kept_all) / len(kept_all)
+                recalls.append(Recall(signal, k, n, sum(hits) / len(hits), margin, mean_share))
+                progress(
+                    f"  {signal} top-{k} margin {margin:g} keeps {recalls[-1].reference_recall:.1%} of the referenced "
+                    f"memories ({mean_share:.0%} of questions fall back to the mean)"
+                )
         for method, name, variant in methods:
             key = (name, tuple((tuple(e.documents), e.instruction, e.answer) for e in variant))
             start = time.perf_counter()
@@ -252,10 +265,11 @@ def table(points: Sequence[Point]) -> str:
 def recall_table(recalls: Sequence[Recall]) -> str:
     """A Markdown table: the reference recall of each signal's top k per number of memories."""
     ns = sorted({r.memories for r in recalls})
-    at = {(r.signal, r.k, r.memories): r.reference_recall for r in recalls}
+    at = {(r.signal, r.k, r.min_margin, r.memories): r.reference_recall for r in recalls}
     lines = ["| relevance signal | " + " | ".join(f"n={n}" for n in ns) + " |", "| --- |" + " --- |" * len(ns)]
-    for signal, k in dict.fromkeys((r.signal, r.k) for r in recalls):
-        lines.append(f"| {signal} top-{k} | " + " | ".join(f"{at[signal, k, n]:.2f}" for n in ns) + " |")
+    for signal, k, m in dict.fromkeys((r.signal, r.k, r.min_margin) for r in recalls):
+        name = f"{signal} top-{k}" + (f" margin {m:g}" if m else "")
+        lines.append(f"| {name} | " + " | ".join(f"{at[signal, k, m, n]:.2f}" for n in ns) + " |")
     return "\n".join(lines)
 
 

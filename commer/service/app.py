@@ -224,18 +224,23 @@ def create_app(
         """Answer an instruction from the user's profile. ``stream``: server-sent events, ``delta`` events with text
         then one ``done`` event with the whole answer. ``merge.top_k``: retrieval-merge, the mean of only the
         ``top_k`` documents most relevant to the instruction, ranked ``by`` dense similarity or BM25 (O(documents)
-        per request instead of O(1))."""
+        per request instead of O(1)), or of all where the top ``k`` do not stand out by ``merge.min_margin``."""
         profile = await run_in_threadpool(store.get_profile, tenant, user)
         if body.merge is not None and profile.count:
             merge = body.merge
             compressions, texts = await run_in_threadpool(store.document_compressions, tenant, user, merge.by == "bm25")
             if compressions.shape[0]:  # a sum-only profile (imported) has no documents to rank: its mean serves
                 if texts is not None:  # no model in text ranking: it never waits behind decoding
-                    profile = await run_in_threadpool(bm25_profile, body.instruction, compressions, texts, merge.top_k)
+                    profile = await run_in_threadpool(
+                        bm25_profile, body.instruction, compressions, texts, merge.top_k, merge.min_margin
+                    )
                 else:  # dense: the request is compressed by the model, on its worker
                     profile = await asyncio.wrap_future(
                         worker.submit(
-                            lambda: personalizer.retrieval_profile(body.instruction, compressions, merge.top_k), tenant
+                            lambda: personalizer.retrieval_profile(
+                                body.instruction, compressions, merge.top_k, min_margin=merge.min_margin
+                            ),
+                            tenant,
                         )
                     )
         if generator is not None:

@@ -60,11 +60,13 @@ def request_models(limits: ServiceLimits) -> RequestModels:
     class MergeIn(BaseModel):
         """Retrieval-merge: mean only the ``top_k`` documents most relevant to the instruction, ranked ``by`` the
         cosine of their compressions with the instruction's (``dense``) or BM25 over their stored texts (``bm25``,
-        where the server allows it)."""
+        where the server allows it); the mean of all where the top ``k`` do not stand out by ``min_margin``
+        (``commer.merge.top_k_indices``)."""
 
         model_config = ConfigDict(extra="forbid", strict=True)
         top_k: int = Field(ge=1, le=limits.max_top_k)
         by: Literal["dense", "bm25"] = "dense"
+        min_margin: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
 
         @field_validator("by")
         @classmethod
