@@ -148,10 +148,17 @@ class DataConfig:
         "Keep only each example's top-k documents by BM25 against its request: train and validate on the "
         "retrieval-merged prompts that merge={'top_k': k} gives at answer time (None keeps all n_docs).",
     )
+    retrieve_share: float = setting(
+        1.0,
+        "With retrieve_top_k, the share of examples (seeded by split_seed) cut to their top k; the others keep all "
+        "n_docs, so the model also reads the mean that merge={'min_margin': m} falls back to.",
+    )
 
     def __post_init__(self) -> None:
         if self.retrieve_top_k is not None and self.retrieve_top_k < 1:
             raise ConfigError(f"retrieve_top_k must be >= 1 (or None for all documents), got {self.retrieve_top_k}")
+        if not 0.0 <= self.retrieve_share <= 1.0:
+            raise ConfigError(f"retrieve_share must be in [0, 1], got {self.retrieve_share!r}")
 
 
 @dataclass

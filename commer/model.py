@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, StaticCache, StaticLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from commer.backbone import Backbone
@@ -27,6 +28,14 @@ from commer.batch import Batch
 from commer.config import ComMerConfig
 from commer.merge import merge_batch
 from commer.text import IGNORE_INDEX, check_context
+
+STATIC_CACHE_BUCKET = 64  # a static KV cache's length is a multiple of this: few shapes for a compiled step to meet
+
+
+def static_cache_length(columns: int) -> int:
+    """The length of a static KV cache that holds ``columns``: rounded up to a multiple of ``STATIC_CACHE_BUCKET``.
+    It may exceed the backbone's context: each row has its own position ids, a column is not a position."""
+    return -(-columns // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
 
 
 def _vocab_init(embeddings: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
@@ -46,6 +55,9 @@ class SoftPromptLM(nn.Module):
         self.backbone_name = backbone.name
         self.backbone_fingerprint = backbone.fingerprint
         self.max_length = backbone.max_length
+        # Set by ``static_decoding``: decode into a static cache with this step (the generator, or it compiled). Kept
+        # out of the submodules (``__dict__``): they share the generator's weights, which must be saved once.
+        self.__dict__.update(_decode_step=None, _compiled_step=None)
 
     # -- subclass interface -------------------------------------------------------------------------------------
     @property
@@ -97,6 +109,23 @@ class SoftPromptLM(nn.Module):
             for layer in self.generator_lm.modules():
                 if isinstance(layer, GradientCheckpointingLayer):
                     layer.training = enabled
+
+    def static_decoding(self, enabled: bool = True, compile: bool = True) -> None:  # noqa: A002 - torch's name
+        """Decode into a pre-allocated (static) KV cache, each step compiled by ``torch.compile`` (``compile=False``:
+        the static cache only). Why: a decoding step of a small model is mostly per-op overhead, which a compiled step
+        over fixed shapes removes (``python bench/decode_speed.py --static-compile``); greedy tokens are the dynamic
+        cache's in float32 (tests/test_model.py). Each new (rows, cache length) shape compiles once per process (after
+        two, the dimension that changed is compiled as dynamic): worth it for a server or a long evaluation, not for
+        one answer. Cache lengths are multiples of ``STATIC_CACHE_BUCKET``."""
+        if not enabled:
+            self.__dict__["_decode_step"] = None
+            return
+        config = self.generator_lm.config
+        if not all(type(layer) is StaticLayer for layer in StaticCache(config=config, max_cache_len=1).layers):
+            raise ValueError(f"static decoding needs full attention in every layer; {config.model_type} has others")
+        if compile and self._compiled_step is None:  # kept, so that turning it off and on again does not recompile
+            self.__dict__["_compiled_step"] = torch.compile(self.generator_lm)
+        self.__dict__["_decode_step"] = self._compiled_step if compile else self.generator_lm
 
     def _join(
         self, prefix: torch.Tensor, prefix_mask: torch.Tensor, input_ids: torch.Tensor, input_mask: torch.Tensor
@@ -212,7 +241,7 @@ class SoftPromptLM(nn.Module):
             f"a prompt of {width} positions with {max_new_tokens} new tokens", width + max_new_tokens, self.max_length
         )
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        rows = self.prefill(prefix, prefix_mask, input_ids, input_mask)
+        rows = self.prefill(prefix, prefix_mask, input_ids, input_mask, room=max_new_tokens - 1)
         for _ in range(max_new_tokens):
             nxt = sample_next(rows.logits, temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
@@ -224,80 +253,137 @@ class SoftPromptLM(nn.Module):
 
     @torch.no_grad()
     def prefill(
-        self, prefix: torch.Tensor, prefix_mask: torch.Tensor, input_ids: torch.Tensor, input_mask: torch.Tensor
+        self,
+        prefix: torch.Tensor,
+        prefix_mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        input_mask: torch.Tensor,
+        room: int = 0,
     ) -> DecodeRows:
         """Read each row's soft prompt ``(B, P, D)`` (mask ``(B, P)``) and prompt ``(B, L)`` (padded on either side)
-        into a KV cache: rows ready to pick their first token."""
+        into a KV cache: rows ready to pick their first token. ``room``: the tokens that will be fed after it (the size
+        of a static cache, see ``static_decoding``; a dynamic cache grows as needed)."""
         embeds, mask = self.left_aligned(prefix, prefix_mask, input_ids, input_mask)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
+        width = mask.shape[1]
+        cache = None
+        if self._decode_step is not None:
+            length = static_cache_length(width + room)
+            cache = StaticCache(config=self.generator_lm.config, max_cache_len=length)
+            mask = F.pad(mask, (0, length - width))  # (B, length): the columns to come are masked until written
         out = self.generator_lm(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
-        return DecodeRows(out.cache, mask, positions[:, -1:], out.logits[:, -1].float())
+        return DecodeRows(out.cache, mask, positions[:, -1:], out.logits[:, -1].float(), width)
 
     @torch.no_grad()
     def advance(self, rows: DecodeRows, tokens: torch.Tensor) -> DecodeRows:
         """Feed each row its ``(B,)`` next token: the rows, one position longer, with their next logits."""
-        b = rows.size
-        mask = torch.cat([rows.mask, rows.mask.new_ones(b, 1)], dim=1)
+        b, end = rows.size, rows.end
+        if rows.static:
+            if end == rows.mask.shape[1]:
+                raise ValueError(f"the static KV cache of {end} positions is full: prefill with more room")
+            mask = rows.mask.clone()
+            mask[:, end] = 1
+        else:
+            mask = torch.cat([rows.mask, rows.mask.new_ones(b, 1)], dim=1)
         positions = rows.positions + 1
-        out = self.generator_lm(
+        step = self._decode_step if rows.static else self.generator_lm
+        out = step(
             inputs_embeds=self.embed(tokens[:, None]),
             attention_mask=mask,
             position_ids=positions,
             cache=rows.cache,
             use_cache=True,
         )
-        return DecodeRows(out.cache, mask, positions, out.logits[:, -1].float())
+        return DecodeRows(out.cache, mask, positions, out.logits[:, -1].float(), end + 1)
 
 
 @dataclass
 class DecodeRows:
     """Rows decoding together, each ready for its next token: continuous batching lets rows leave (``select``) and
-    join (``join``) between steps, whatever their lengths. Rows are left-aligned: all end at the last column, their
+    join (``join``) between steps, whatever their lengths. Rows are left-aligned: all end at column ``end``, their
     masked slots (padding, or the room a shorter row leaves) come first, and each row keeps its own position ids, so
-    a row's tokens do not depend on the rows beside it."""
+    a row's tokens do not depend on the rows beside it. A static cache also holds the columns to come, masked."""
 
-    cache: DynamicCache  # per layer (B, H, T, d) keys and values
+    cache: Cache  # per layer (B, H, T, d) keys and values: a DynamicCache, or a static one (T fixed)
     mask: torch.Tensor  # (B, T) long, 1 at each row's real positions
     positions: torch.Tensor  # (B, 1) the position id of each row's last position
     logits: torch.Tensor  # (B, V) float32: each row's next-token logits
+    end: int  # the columns written (T for a dynamic cache)
 
     @property
     def size(self) -> int:
         return self.mask.shape[0]
 
+    @property
+    def static(self) -> bool:
+        return not isinstance(self.cache, DynamicCache)
+
     def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.keys, layer.values) for layer in self.cache.layers]
 
+    def _with(
+        self,
+        layers: list[tuple[torch.Tensor, torch.Tensor]],
+        mask: torch.Tensor,
+        end: int,
+        positions: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> DecodeRows:
+        """Rows holding ``layers``' keys and values, in a cache of the same kind as this one."""
+        if self.static:
+            cache = Cache(layers=[StaticLayer(max_cache_len=mask.shape[1]) for _ in layers])
+            for layer, (k, v) in zip(cache.layers, layers, strict=True):
+                layer.lazy_initialization(k, v)
+                layer.keys.copy_(k)
+                layer.values.copy_(v)
+                layer.cumulative_length.fill_(end)
+        else:
+            cache = DynamicCache(layers)
+        return DecodeRows(cache, mask, positions, logits, end)
+
     def select(self, rows: Sequence[int]) -> DecodeRows:
-        """The rows at ``rows`` (in that order), without the leading columns that none of them uses."""
+        """The rows at ``rows`` (in that order), without the leading columns that none of them uses (a static cache
+        drops them in whole buckets, so that its length stays a multiple of ``STATIC_CACHE_BUCKET``)."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.mask.device)
         mask = self.mask[index]
         first = int(mask.any(0).long().argmax())  # the first column any kept row reads
+        if self.static:
+            first -= first % STATIC_CACHE_BUCKET
         layers = [(k[index, :, first:], v[index, :, first:]) for k, v in self._layers()]
-        return DecodeRows(DynamicCache(layers), mask[:, first:], self.positions[index], self.logits[index])
+        return self._with(layers, mask[:, first:], self.end - first, self.positions[index], self.logits[index])
 
     def join(self, other: DecodeRows) -> DecodeRows:
-        """These rows, then ``other``'s: the narrower side is padded on the left with masked slots."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
+        """These rows, then ``other``'s: the side that has written fewer columns is shifted right (masked slots on
+        its left) so that both end at the same column; a static cache keeps the room of the roomier side."""
+        if self.static != other.static:
+            raise ValueError("cannot join rows of a static KV cache with rows of a dynamic one")
+        end = max(self.end, other.end)
+        room = max(self.mask.shape[1] - self.end, other.mask.shape[1] - other.end)
+        if self.static:
+            room = static_cache_length(end + room) - end
 
-        def pad(x: torch.Tensor, dim: int) -> torch.Tensor:  # masked slots on the left of ``dim`` up to ``width``
-            shape = list(x.shape)
-            shape[dim] = width - x.shape[dim]
-            return torch.cat([x.new_zeros(shape), x], dim=dim)
+        def aligned(x: torch.Tensor, dim: int, rows: DecodeRows) -> torch.Tensor:  # (.., end + room) along ``dim``
+            x = x.narrow(dim, 0, rows.end)
+            pad = [0, 0] * (x.dim() - 1 - dim) + [end - rows.end, room]
+            return F.pad(x, pad)
 
         layers = [
-            (torch.cat([pad(k1, 2), pad(k2, 2)]), torch.cat([pad(v1, 2), pad(v2, 2)]))
+            (
+                torch.cat([aligned(k1, 2, self), aligned(k2, 2, other)]),
+                torch.cat([aligned(v1, 2, self), aligned(v2, 2, other)]),
+            )
             for (k1, v1), (k2, v2) in zip(self._layers(), other._layers(), strict=True)
         ]
-        mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)])
-        return DecodeRows(
-            DynamicCache(layers),
-            mask,
-            torch.cat([self.positions, other.positions]),
-            torch.cat([self.logits, other.logits]),
-        )
+        mask = torch.cat([aligned(self.mask, 1, self), aligned(other.mask, 1, other)])
+        positions, logits = torch.cat([self.positions, other.positions]), torch.cat([self.logits, other.logits])
+        return self._with(layers, mask, end, positions, logits)
 
 
 def sample_next(

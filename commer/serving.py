@@ -208,10 +208,12 @@ class Personalizer:
             yield [None if e else t for e, t in zip(ended, tokens, strict=True)]
             ended = [e or t == self.tokenizer.eos_token_id for e, t in zip(ended, tokens, strict=True)]
 
-    def prefill(self, profiles: Sequence[ProfileState | None], instructions: Sequence[Prompt]) -> DecodeRows:
+    def prefill(
+        self, profiles: Sequence[ProfileState | None], instructions: Sequence[Prompt], room: int = 0
+    ) -> DecodeRows:
         """Rows ready to decode (each row's first token is picked from ``.logits``): what continuous batching joins
-        to the rows already decoding (``commer.service.worker``)."""
-        return self.model.prefill(*self._prompts(profiles, instructions))
+        to the rows already decoding (``commer.service.worker``). ``room``: see ``SoftPromptLM.prefill``."""
+        return self.model.prefill(*self._prompts(profiles, instructions), room=room)
 
     def _prompts(
         self, profiles: Sequence[ProfileState | None], instructions: Sequence[Prompt]

@@ -474,7 +474,14 @@ def run(
     torch.manual_seed(config.train.seed)  # LoRA dropout; the data order has its own seeded RNG
     if splits is None:
         data = config.data
-        splits = load_splits(data.task, data.data_dir, data.n_docs, data.split_seed, retrieve_top_k=data.retrieve_top_k)
+        splits = load_splits(
+            data.task,
+            data.data_dir,
+            data.n_docs,
+            data.split_seed,
+            retrieve_top_k=data.retrieve_top_k,
+            retrieve_share=data.retrieve_share,
+        )
     examples, split_info = splits
     train_examples = examples["train"][: config.data.max_train_examples]
     val_examples = examples["validation"][: config.data.max_val_examples]

@@ -89,6 +89,21 @@ def test_retrieval_keeps_the_bm25_best_documents_in_profile_order():
         DataConfig(retrieve_top_k=0)
 
 
+def test_a_retrieve_share_cuts_that_share_of_examples_and_leaves_the_others_whole():
+    documents = ["the cat sat on the mat", "stock markets fell sharply", "my favourite colour is blue"]
+    examples = [Example(f"u{i}", documents, "What is your favourite colour?", "blue") for i in range(400)]
+    mixed = keep_retrieved(examples, 1, share=0.25, seed=3)
+    cut = [e for e in mixed if e.documents == ["my favourite colour is blue"]]
+    assert all(e.documents == documents for e in mixed if e not in cut)
+    assert 60 < len(cut) < 140  # a quarter of 400, seeded
+    assert keep_retrieved(examples, 1, share=0.25, seed=3) == mixed
+    assert keep_retrieved(examples, 1, share=0.0) == examples
+    assert keep_retrieved(examples, 1, share=1.0) == keep_retrieved(examples, 1)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="retrieve_share"):
+            DataConfig(retrieve_top_k=1, retrieve_share=bad)
+
+
 def test_splits_with_retrieval_hold_one_memory_of_the_same_examples(data_dir):
     full, split = load_splits("perltqa", data_dir, 4, max_chars=10**9)
     top, same_split = load_splits("perltqa", data_dir, 4, max_chars=10**9, retrieve_top_k=1)

@@ -14,7 +14,7 @@ from commer.batch import Batch
 from commer.config import ComMerConfig, RunConfig
 from commer.evaluate import bf16_supported
 from commer.merge import stack_profiles
-from commer.model import ComMer, PromptTuning
+from commer.model import STATIC_CACHE_BUCKET, ComMer, PromptTuning
 from commer.serving import Personalizer
 from commer.text import Collator, ContextTooLongError, Example
 from commer.train import Trainer, build
@@ -204,18 +204,20 @@ def test_batched_generation_equals_per_user(backbone):
         assert batched[i, : len(single)].tolist() == single.tolist()
 
 
-def test_rows_joining_and_leaving_decode_as_each_row_alone(backbone):
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic-cache", "static-cache"])
+def test_rows_joining_and_leaving_decode_as_each_row_alone(backbone, static):
     """Continuous batching: rows prefilled apart, joined at different steps (the later one shorter or longer than
-    the running rows) and left behind as others end, decode exactly the greedy tokens each decodes alone; the cache
-    keeps no column that no row reads."""
+    the running rows) and left behind as others end, decode exactly the greedy tokens each decodes alone; a dynamic
+    cache keeps no column that no row reads, a static one keeps its length (a multiple of the bucket)."""
     model = _model(backbone)
     steps = 6
     alone = [model.generate(_collate(backbone, model, [ex], with_answers=False), eos_token_id=-1, pad_token_id=1,
                             max_new_tokens=steps)[0].tolist() for ex in EXAMPLES]  # fmt: skip
+    model.static_decoding(static, compile=False)
 
     def prefill(ex: Example):
         batch = _collate(backbone, model, [ex], with_answers=False)
-        return model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask)
+        return model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask, room=steps - 1)
 
     rows, tokens, owners, finished = prefill(EXAMPLES[0]), [[]], [0], []
     for step in range(2 * steps):
@@ -233,8 +235,55 @@ def test_rows_joining_and_leaving_decode_as_each_row_alone(backbone):
             break
         rows, owners, tokens = rows.select(keep), [owners[i] for i in keep], [tokens[i] for i in keep]
         rows = model.advance(rows, nxt[keep])
-        assert bool(rows.mask[:, 0].any())  # no leading column that every row masks
+        assert rows.static == static
+        if static:
+            assert rows.mask.shape[1] % STATIC_CACHE_BUCKET == 0 and not bool(rows.mask[:, rows.end :].any())
+        else:
+            assert bool(rows.mask[:, 0].any())  # no leading column that every row masks
     assert finished == [0, 1, 2]
+
+
+def test_a_static_cache_drops_the_columns_no_row_reads_in_whole_buckets(backbone):
+    """A short row left alone after a long one keeps its tokens, in a static cache one bucket shorter (the long
+    row's leading columns go, the length stays a multiple of the bucket)."""
+    model = _model(backbone)
+    long = Example("dave", ["jazz music"], " ".join(["running"] * 70) + " ?", "run")
+    short = _collate(backbone, model, EXAMPLES[1:2], with_answers=False)
+    alone = model.generate(short, eos_token_id=-1, pad_token_id=1, max_new_tokens=4)[0].tolist()
+    model.static_decoding(compile=False)
+
+    def prefill(batch):
+        return model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask, room=3)
+
+    both = prefill(_collate(backbone, model, [long], with_answers=False)).join(prefill(short))
+    assert both.end > STATIC_CACHE_BUCKET and both.mask.shape[1] % STATIC_CACHE_BUCKET == 0
+    rows = both.select([1])
+    assert (rows.mask.shape[1], rows.end) == (both.mask.shape[1] - STATIC_CACHE_BUCKET, both.end - STATIC_CACHE_BUCKET)
+    tokens = []
+    for _ in range(4):
+        tokens.append(int(rows.logits.argmax(-1)))
+        if len(tokens) < 4:
+            rows = model.advance(rows, torch.tensor(tokens[-1:]))
+    assert tokens == alone
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["static-cache", "compiled"])
+def test_static_decoding_gives_the_dynamic_cache_greedy_tokens(backbone, compile):
+    """The static KV cache (and the compiled step over it) decodes a padded batch to the tokens of today's dynamic
+    cache in float32, rows of different lengths included; turned off, decoding is the dynamic path again."""
+    model = _model(backbone)
+    batch = _collate(backbone, model, with_answers=False)
+    kwargs = dict(eos_token_id=-1, pad_token_id=1, max_new_tokens=12)
+    dynamic = model.generate(batch, **kwargs)
+    saved = set(model.state_dict())
+    model.static_decoding(compile=compile)
+    assert set(model.state_dict()) == saved  # the (compiled) step shares the generator's weights: saved once
+    rows = model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask, room=11)
+    assert rows.static and rows.mask.shape[1] == STATIC_CACHE_BUCKET >= rows.end + 11
+    assert torch.equal(model.generate(batch, **kwargs), dynamic)
+    model.static_decoding(False)
+    assert not model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask).static
+    assert torch.equal(model.generate(batch, **kwargs), dynamic)
 
 
 def test_sampling_is_seeded_and_differs_from_greedy(backbone):

@@ -140,9 +140,11 @@ def test_another_tenant_does_not_wait_for_a_running_batch(personalizer):
     assert [b.tenants for b in _run(personalizer, test, max_batch_size=2)] == [("quiet",), ("flood", "flood")]
 
 
-def test_a_waiting_request_takes_the_row_a_short_answer_frees(personalizer, monkeypatch):
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic-cache", "static-cache"])
+def test_a_waiting_request_takes_the_row_a_short_answer_frees(personalizer, monkeypatch, static):
     """Continuous batching: with room for two rows, a long and a short answer of one tenant decode; its third request
-    takes the short one's row when it ends, and ends long before the long answer, with the tokens it gets alone."""
+    takes the short one's row when it ends, and ends long before the long answer, with the tokens it gets alone (on
+    the dynamic cache, whichever cache the batch decodes into)."""
     step_rows: list[int] = []  # rows of each decoding step's forward pass
     advance = personalizer.model.advance
 
@@ -154,6 +156,7 @@ def test_a_waiting_request_takes_the_row_a_short_answer_frees(personalizer, monk
         alone = _job("a", max_new_tokens=3, instruction="hi")
         worker.generate(alone)
         expected = await _result(alone)
+        personalizer.model.static_decoding(static, compile=False)  # (nothing decodes now: the next prefill reads it)
         with held(worker):
             jobs = [_job("a", max_new_tokens=40), _job("a", max_new_tokens=2), _job("a", max_new_tokens=3)]
             jobs[2].instruction = "hi"
@@ -165,7 +168,10 @@ def test_a_waiting_request_takes_the_row_a_short_answer_frees(personalizer, monk
         assert [len(r) for r in results] == [40, 2, 3] and results[2] == expected
 
     monkeypatch.setattr(personalizer.model, "advance", recorded)
-    batches = _run(personalizer, test, max_batch_size=2)
+    try:
+        batches = _run(personalizer, test, max_batch_size=2)
+    finally:
+        personalizer.model.static_decoding(False)
     # reported when their last row ends: the alone run; the late row (joined at step 3, ended at step 5); the first two
     assert [b.tenants for b in batches] == [("a",), ("a",), ("a", "a")]
     assert [b.steps for b in batches] == [3, 3, 40]

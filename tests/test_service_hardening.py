@@ -271,6 +271,15 @@ def test_serve_fails_on_one_line_without_a_traceback(broken, problem, monkeypatc
     assert problem in line
 
 
+def test_compiled_decoding_with_a_vllm_generator_is_refused_on_one_line(monkeypatch):
+    monkeypatch.setenv("COMMER_API_KEYS", json.dumps({"k": "t"}))
+    app = typer.Typer()
+    register(app)
+    args = ["serve", "--generator", "vllm", "--vllm-url", "http://127.0.0.1:1", "--compile-decoding"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "--compile-decoding compiles local decoding" in result.output
+
+
 def test_every_service_limit_is_a_serve_option():
     app = typer.Typer()
     register(app)

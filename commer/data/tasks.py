@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -70,12 +71,16 @@ def load_task(task: str, data_dir: str | Path | None = None, n_docs: int | None 
     return LOADERS[task](data_dir, DEFAULT_N_DOCS[task] if n_docs is None else n_docs, seed)
 
 
-def keep_retrieved(examples: Iterable[Example], k: int) -> list[Example]:
+def keep_retrieved(examples: Iterable[Example], k: int, share: float = 1.0, seed: int = 0) -> list[Example]:
     """Each example with only the ``k`` documents BM25 ranks highest against its request, in their original order:
     the documents a retrieval-merge with BM25 and ``top_k=k`` would mean at answer time (``commer.serving.bm25_profile``
-    ranks with the same ``bm25_top``)."""
+    ranks with the same ``bm25_top``). With ``share`` < 1, a seeded ``share`` of the examples is cut and the others
+    keep all their documents (the mean a retrieval-merge's ``min_margin`` falls back to)."""
+    rng = random.Random(f"retrieve:{seed}")
     return [
         replace(e, documents=[e.documents[i] for i in sorted(bm25_top(e.instruction, e.documents, k))])
+        if rng.random() < share
+        else e
         for e in examples
     ]
 
@@ -88,11 +93,17 @@ def load_splits(
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     max_chars: int = MAX_EXAMPLE_CHARS,
     retrieve_top_k: int | None = None,
+    retrieve_share: float = 1.0,
 ) -> tuple[dict[str, list[Example]], SplitInfo]:
     """``task``'s examples after the length filter, split by user into train/validation/test; with
-    ``retrieve_top_k``, each keeps only its top-k documents by BM25 (``keep_retrieved``) before the filter."""
+    ``retrieve_top_k``, each (or a seeded ``retrieve_share`` of them) keeps only its top-k documents by BM25
+    (``keep_retrieved``) before the filter."""
     loaded = load_task(task, data_dir, n_docs, seed)
-    examples = loaded.examples if retrieve_top_k is None else keep_retrieved(loaded.examples, retrieve_top_k)
+    examples = (
+        loaded.examples
+        if retrieve_top_k is None
+        else keep_retrieved(loaded.examples, retrieve_top_k, retrieve_share, seed)
+    )
     kept, _ = filter_by_length(examples, max_chars)
     split = split_users((e.user_id for e in loaded.examples), fractions, seed)
     return split.apply(kept), split

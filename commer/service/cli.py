@@ -114,6 +114,11 @@ def serve(
     max_top_k: int = _limit("max_top_k"),
     bm25_merge: bool = _limit("bm25_merge"),
     bf16_compress: bool = BF16_COMPRESS,
+    compile_decoding: bool = typer.Option(
+        False,
+        help="Decode into a static KV cache with a torch.compile'd step (local generator; docs/benchmarks.md): faster "
+        "steps after a compile of about a minute per new batch shape.",
+    ),
     openai_unknown_user: str = typer.Option(
         "plain", help="/v1/chat/completions for a `user` without a profile: 'plain' (unpersonalized) or '404'."
     ),
@@ -131,8 +136,12 @@ def serve(
         raise typer.BadParameter(f"--generator must be 'local' or 'vllm', got {generator!r}")
     if generator == "vllm" and not vllm_url:
         raise typer.BadParameter("--generator vllm needs --vllm-url, e.g. http://127.0.0.1:8001")
+    if generator == "vllm" and compile_decoding:
+        raise typer.BadParameter("--compile-decoding compiles local decoding; with --generator vllm, vLLM decodes")
     keys = read_api_keys(api_keys)
     personalizer = served_model(checkpoint, backbone, num_embeddings, bf16_compress)
+    if compile_decoding:
+        personalizer.model.static_decoding()
     store = open_store(db, personalizer)
     limits = ServiceLimits(
         max_batch_size=max_batch_size,
