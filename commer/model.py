@@ -29,7 +29,7 @@ from commer.config import ComMerConfig
 from commer.merge import merge_batch
 from commer.text import IGNORE_INDEX, check_context
 
-STATIC_CACHE_BUCKET = 64  # a static KV cache's length is a multiple of this: few shapes for a compiled step to meet
+STATIC_CACHE_BUCKET = 16  # a static KV cache is a multiple of this long: its masked columns cost attention work
 
 
 def static_cache_length(columns: int) -> int:
@@ -112,11 +112,12 @@ class SoftPromptLM(nn.Module):
 
     def static_decoding(self, enabled: bool = True, compile: bool = True) -> None:  # noqa: A002 - torch's name
         """Decode into a pre-allocated (static) KV cache, each step compiled by ``torch.compile`` (``compile=False``:
-        the static cache only). Why: a decoding step of a small model is mostly per-op overhead, which a compiled step
-        over fixed shapes removes (``python bench/decode_speed.py --static-compile``); greedy tokens are the dynamic
-        cache's in float32 (tests/test_model.py). Each new (rows, cache length) shape compiles once per process (after
-        two, the dimension that changed is compiled as dynamic): worth it for a server or a long evaluation, not for
-        one answer. Cache lengths are multiples of ``STATIC_CACHE_BUCKET``."""
+        the static cache only). Why: a small model's decoding step at a small batch is mostly per-op overhead, which a
+        compiled step removes: 1.33x at one row, level at 16 rows in float32, 1.21x in bfloat16 on a 2-core Xeon
+        (``python bench/decode_speed.py --static-compile``, docs/benchmarks.md). Greedy tokens are the dynamic cache's
+        in float32 (tests/test_model.py). Each new (rows, cache length) shape compiles once per process (after two, the
+        dimension that changed is compiled as dynamic): worth it for a server or a long evaluation, not for one answer.
+        Cache lengths are multiples of ``STATIC_CACHE_BUCKET``."""
         if not enabled:
             self.__dict__["_decode_step"] = None
             return
@@ -242,12 +243,12 @@ class SoftPromptLM(nn.Module):
         )
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         rows = self.prefill(prefix, prefix_mask, input_ids, input_mask, room=max_new_tokens - 1)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             nxt = sample_next(rows.logits, temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             yield nxt
             done |= torch.isin(nxt, eos)
-            if bool(done.all()):
+            if bool(done.all()) or step == max_new_tokens - 1:  # (no forward pass for a token nobody reads)
                 return
             rows = self.advance(rows, nxt)
 

@@ -244,8 +244,8 @@ def test_rows_joining_and_leaving_decode_as_each_row_alone(backbone, static):
 
 
 def test_a_static_cache_drops_the_columns_no_row_reads_in_whole_buckets(backbone):
-    """A short row left alone after a long one keeps its tokens, in a static cache one bucket shorter (the long
-    row's leading columns go, the length stays a multiple of the bucket)."""
+    """A short row left alone after a long one keeps its tokens, in a static cache without the long row's leading
+    columns (dropped in whole buckets: the length stays a multiple of the bucket)."""
     model = _model(backbone)
     long = Example("dave", ["jazz music"], " ".join(["running"] * 70) + " ?", "run")
     short = _collate(backbone, model, EXAMPLES[1:2], with_answers=False)
@@ -258,13 +258,27 @@ def test_a_static_cache_drops_the_columns_no_row_reads_in_whole_buckets(backbone
     both = prefill(_collate(backbone, model, [long], with_answers=False)).join(prefill(short))
     assert both.end > STATIC_CACHE_BUCKET and both.mask.shape[1] % STATIC_CACHE_BUCKET == 0
     rows = both.select([1])
-    assert (rows.mask.shape[1], rows.end) == (both.mask.shape[1] - STATIC_CACHE_BUCKET, both.end - STATIC_CACHE_BUCKET)
+    dropped = both.mask.shape[1] - rows.mask.shape[1]
+    assert dropped > 0 and dropped % STATIC_CACHE_BUCKET == 0 and rows.end == both.end - dropped
+    assert int(rows.mask.any(0).long().argmax()) < STATIC_CACHE_BUCKET  # less than a bucket that no row reads is left
     tokens = []
     for _ in range(4):
         tokens.append(int(rows.logits.argmax(-1)))
         if len(tokens) < 4:
             rows = model.advance(rows, torch.tensor(tokens[-1:]))
     assert tokens == alone
+
+
+def test_a_static_cache_holds_every_answer_length(backbone):
+    """Around and across bucket boundaries, the static cache has room for every token of the answer (the last one
+    is never fed back) and decodes the dynamic cache's tokens."""
+    model = _model(backbone)
+    batch = _collate(backbone, model, with_answers=False)
+    kwargs = dict(eos_token_id=-1, pad_token_id=1)
+    dynamic = model.generate(batch, max_new_tokens=2 * STATIC_CACHE_BUCKET + 1, **kwargs)
+    model.static_decoding(compile=False)
+    for n in range(1, 2 * STATIC_CACHE_BUCKET + 2):
+        assert torch.equal(model.generate(batch, max_new_tokens=n, **kwargs), dynamic[:, :n]), n
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["static-cache", "compiled"])
@@ -279,7 +293,8 @@ def test_static_decoding_gives_the_dynamic_cache_greedy_tokens(backbone, compile
     model.static_decoding(compile=compile)
     assert set(model.state_dict()) == saved  # the (compiled) step shares the generator's weights: saved once
     rows = model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask, room=11)
-    assert rows.static and rows.mask.shape[1] == STATIC_CACHE_BUCKET >= rows.end + 11
+    assert rows.static and rows.mask.shape[1] % STATIC_CACHE_BUCKET == 0
+    assert rows.end + 11 <= rows.mask.shape[1] < rows.end + 11 + STATIC_CACHE_BUCKET
     assert torch.equal(model.generate(batch, **kwargs), dynamic)
     model.static_decoding(False)
     assert not model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask).static
