@@ -9,6 +9,9 @@ LaMP-7 request) and decode greedily, ignoring EOS, so they do the same work. The
 without the prefill: (time for ``1 + n`` new tokens - time for 1) / n. Each dtype is a separate load of the backbone
 (float32, and bfloat16 where the CPU does bf16 natively); rounds alternate between the sides; medians.
 
+With both dtypes it also compares commer's greedy tokens in bfloat16 against float32, row by row: how many rows stay
+identical, and at which step the others part.
+
 The bound printed beside the tokens/s is what memory bandwidth allows at batch 1: every step reads every weight once,
 so steps/s <= bandwidth / weight bytes, with the bandwidth measured here by copying a 512 MB tensor.
 
@@ -62,8 +65,9 @@ def per_step(run: Callable[[int], torch.Tensor], new_tokens: int, rounds: int) -
     return statistics.median((timed(new_tokens + 1) - timed(1)) / new_tokens for _ in range(rounds))
 
 
-def measure(dtype: torch.dtype, args: argparse.Namespace, requests: list[str], gb_s: float) -> None:
-    """Print one row per batch size for backbones loaded in ``dtype``."""
+def measure(dtype: torch.dtype, args: argparse.Namespace, requests: list[str], gb_s: float) -> dict[int, torch.Tensor]:
+    """Print one row per batch size for backbones loaded in ``dtype``; return commer's greedy tokens per batch size."""
+    tokens = {}
     commer = ComMer(load_backbone(args.backbone, dtype=dtype), ComMerConfig()).eval()
     hf = load_backbone(args.backbone, dtype=dtype)  # a separate plain copy: what a user of HF alone would run
     collator = Collator(hf.tokenizer, commer.config, commer.max_length)
@@ -106,6 +110,7 @@ def measure(dtype: torch.dtype, args: argparse.Namespace, requests: list[str], g
 
             runs["ours_static"], runs["static"] = ours_static, static
         ms = {name: 1e3 * per_step(run, args.new_tokens, args.rounds) for name, run in runs.items()}
+        tokens[b] = ours(args.new_tokens)
         bound = gb_s * 1e9 / weight_bytes if b == 1 else float("nan")
         print(
             f" {str(dtype).removeprefix('torch.'):8} | {b:5} | {ms['commer']:14.1f} | {ms['hf']:10.1f} | "
@@ -122,6 +127,7 @@ def measure(dtype: torch.dtype, args: argparse.Namespace, requests: list[str], g
                     f"its loop: {'yes' if same else 'no'}"
                 )
             print(f"   commer compiled / HF compiled: {ms['ours_static'] / ms['static']:.2f}")
+    return tokens
 
 
 def main() -> None:
@@ -144,8 +150,16 @@ def main() -> None:
     )
     print(" dtype    | batch | commer ms/step | HF ms/step | commer/HF | commer tok/s | HF tok/s | bound tok/s (b=1)")
     print("----------+-------+----------------+------------+-----------+--------------+----------+------------------")
-    for dtype in dtypes:
-        measure(dtype, args, requests, gb_s)
+    tokens = {dtype: measure(dtype, args, requests, gb_s) for dtype in dtypes}
+    if len(dtypes) == 2:  # does decoding in bfloat16 change the answers beyond bf16 noise?
+        for b, full in tokens[torch.float32].items():
+            differs = (tokens[torch.bfloat16][b] != full).cpu()
+            parted = [int(row.long().argmax()) for row in differs if bool(row.any())]
+            print(
+                f"greedy tokens, bfloat16 against float32 (commer's loop, batch {b}, {args.new_tokens} steps): "
+                f"{b - len(parted)}/{b} rows identical"
+                + (f"; the others part at steps {sorted(parted)}" if parted else "")
+            )
 
 
 if __name__ == "__main__":
