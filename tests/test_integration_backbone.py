@@ -42,6 +42,20 @@ def test_compress_and_generate(personalizer):
     assert "Paris" in answers[1]
 
 
+def test_compiled_static_decoding_gives_the_same_answers(personalizer):
+    """The real backbone's compiled decoding step over a static KV cache (``static_decoding``) answers a user with
+    documents and one without, decoding together, with the same greedy tokens as the dynamic cache in float32."""
+    profile = personalizer.profile(["Ran a half marathon this morning!", "Coffee first, then a long run."])
+    args = ([profile, None], ["Write a tweet about my weekend.", "What is the capital of France?"])
+    expected = personalizer.generate(*args, max_new_tokens=16)
+    personalizer.model.static_decoding()
+    try:
+        assert personalizer.generate(*args, max_new_tokens=16) == expected
+    finally:
+        personalizer.model.static_decoding(False)
+    assert "Paris" in expected[1]
+
+
 def test_converted_folder_is_a_standard_model_folder():
     """What other loaders (vLLM's among them) need: the embedding table under its own name, the tied output head left
     out, the architecture named; a folder converted in an older layout is converted again."""

@@ -332,3 +332,33 @@ def test_cli_works_on_the_store_without_a_server(server, tmp_path):
     rebuilt = runner.invoke(app, ["profile", "rebuild", *untrained])
     assert rebuilt.exit_code == 0 and "rebuilt 1 profiles (1 documents)" in rebuilt.stdout
     assert runner.invoke(app, ["generate", "zoe", "hi", "--tenant", "acme", *untrained]).exit_code == 0
+
+
+def test_a_server_with_compiled_decoding_answers_as_one_without(tmp_path):
+    """``commer serve --compile-decoding`` (static KV cache, compiled step, in the model worker's thread) serves the
+    same greedy answers as the same server without it (the tiny random model's answers are alike: the token-level
+    equality on varied answers is tests/test_model.py's and test_integration_backbone.py's)."""
+    backbone_dir, checkpoint_dir = save_tiny_model(tmp_path)
+    docs = {"ann": ["i love running in the morning", "marathon tomorrow !"], "bob": ["jazz music and coffee"]}
+    requests = [INSTRUCTION, "what does the user like ?", "what is the news ?"]
+    answers = []
+    for name, extra in (("plain", ()), ("compiled", ("--compile-decoding",))):
+        folder = tmp_path / name
+        folder.mkdir()
+        server = Server(folder, backbone_dir, checkpoint_dir, folder / "profiles.db", *extra).start()
+        try:
+            with httpx.Client(base_url=server.url, headers=auth(), timeout=300) as client:
+                for user, texts in docs.items():
+                    add_documents(client, user, texts).raise_for_status()
+                answers.append(
+                    [
+                        client.post(f"/v1/users/{u}/generate", json={"instruction": q, "max_new_tokens": 12}).json()
+                        for u in docs
+                        for q in requests
+                    ]
+                )
+        finally:
+            server.kill()
+    plain, compiled = answers
+    assert all(a["tokens"] == 12 for a in plain)
+    assert compiled == plain
