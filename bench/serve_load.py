@@ -13,6 +13,7 @@ the two p99s is what a short request pays for arriving during a long batch.
 
 ``--compile-decoding`` starts the server with it (a static KV cache, each decoding step compiled) and runs every
 measurement twice, reporting the second: the first pass pays for compiling the shapes the load brings.
+``--bf16-decode`` starts it with ``--bf16-decode`` (a bfloat16 copy of the generator decodes).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def tiny_backbone_folder(folder: Path) -> str:
 
 
 def start_server(
-    folder: Path, backbone: str, k: int, max_batch_size: int, wait_ms: float, compile_decoding: bool = False
+    folder: Path, backbone: str, k: int, max_batch_size: int, wait_ms: float, decoding: list[str]
 ) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,7 +63,7 @@ def start_server(
     cmd = [sys.executable, "-m", "commer.service", "serve", "--backbone", backbone, "--k", str(k),
            "--db", str(folder / "bench.db"), "--port", str(port), "--log-level", "warning",
            "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(wait_ms)]  # fmt: skip
-    cmd += ["--compile-decoding"] if compile_decoding else []
+    cmd += decoding
     log = (folder / "server.log").open("w")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -176,13 +177,13 @@ def main() -> None:
     parser.add_argument(
         "--compile-decoding", action="store_true", help="serve with --compile-decoding (measured twice)"
     )
+    parser.add_argument("--bf16-decode", action="store_true", help="serve with --bf16-decode")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         backbone = tiny_backbone_folder(folder / "tiny") if args.backbone == "tiny" else args.backbone
-        process, url = start_server(
-            folder, backbone, args.k, args.max_batch_size, args.batch_wait_ms, args.compile_decoding
-        )
+        decoding = ["--compile-decoding"] * args.compile_decoding + ["--bf16-decode"] * args.bf16_decode
+        process, url = start_server(folder, backbone, args.k, args.max_batch_size, args.batch_wait_ms, decoding)
         try:
             with httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=300) as c:
                 for i in range(max(*args.concurrency, args.long_users + 1)):
@@ -200,7 +201,8 @@ def main() -> None:
             process.wait(30)
     print(
         f"backbone {args.backbone}, K={args.k}, max_new_tokens={args.max_new_tokens}, cpus={os.cpu_count()}, "
-        f"compiled decoding: {'yes (second pass)' if args.compile_decoding else 'no'}"
+        f"compiled decoding: {'yes (second pass)' if args.compile_decoding else 'no'}, "
+        f"decoding dtype: {'bfloat16' if args.bf16_decode else 'float32'}"
     )
     print(f"{'users':>5} | {'requests':>8} | {'req/s':>7} | {'tokens/s':>8} | {'p50 (s)':>7} | {'p99 (s)':>7}")
     print(f"{'-' * 5}-+-{'-' * 8}-+-{'-' * 7}-+-{'-' * 8}-+-{'-' * 7}-+-{'-' * 7}")

@@ -57,7 +57,7 @@ class SoftPromptLM(nn.Module):
         self.max_length = backbone.max_length
         # Set by ``static_decoding``: decode into a static cache with this step (the generator, or it compiled). Kept
         # out of the submodules (``__dict__``): they share the generator's weights, which must be saved once.
-        self.__dict__.update(_decode_step=None, _compiled_step=None)
+        self.__dict__.update(_decode_step=None, _compiled_step=None, _decoder=None)  # _decoder: see ``decode_in``
 
     # -- subclass interface -------------------------------------------------------------------------------------
     @property
@@ -78,6 +78,11 @@ class SoftPromptLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.lm.get_input_embeddings().weight.device
+
+    @property
+    def decoder_lm(self) -> nn.Module:
+        """The generator decoding runs: ``generator_lm``, or its copy in another dtype (``decode_in``)."""
+        return self._decoder if self._decoder is not None else self.generator_lm
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(ids)
@@ -110,6 +115,19 @@ class SoftPromptLM(nn.Module):
                 if isinstance(layer, GradientCheckpointingLayer):
                     layer.training = enabled
 
+    def decode_in(self, dtype: torch.dtype | None) -> None:
+        """Decode with a copy of the generator's weights in ``dtype`` (``None``: its own weights again). Why: bfloat16
+        halves the bytes a step reads and runs on AMX: 1.75x float32's compiled step at 16 rows on a 2-core Xeon, 1.18x
+        a server's throughput for 16 users with long answers, but slower at one row and for short answers
+        (docs/benchmarks.md). Compression, scoring and training keep the model's own weights, so stored compressions
+        do not change; greedy answers may (bf16 rounding swaps near-tied tokens)."""
+        own = self.generator_lm.get_input_embeddings().weight.dtype
+        copy_ = None if dtype in (None, own) else copy.deepcopy(self.generator_lm).to(dtype)
+        static, compiled = self._decode_step is not None, self._decode_step is self._compiled_step is not None
+        self.__dict__.update(_decoder=copy_, _compiled_step=None, _decode_step=None)
+        if static:  # the compiled step was of the old decoder
+            self.static_decoding(compile=compiled)
+
     def static_decoding(self, enabled: bool = True, compile: bool = True) -> None:  # noqa: A002 - torch's name
         """Decode into a pre-allocated (static) KV cache, each step compiled by ``torch.compile`` (``compile=False``:
         the static cache only). Why: a small model's decoding step at a small batch is mostly per-op overhead, which a
@@ -121,12 +139,12 @@ class SoftPromptLM(nn.Module):
         if not enabled:
             self.__dict__["_decode_step"] = None
             return
-        config = self.generator_lm.config
+        config = self.decoder_lm.config
         if not all(type(layer) is StaticLayer for layer in StaticCache(config=config, max_cache_len=1).layers):
             raise ValueError(f"static decoding needs full attention in every layer; {config.model_type} has others")
         if compile and self._compiled_step is None:  # kept, so that turning it off and on again does not recompile
-            self.__dict__["_compiled_step"] = torch.compile(self.generator_lm)
-        self.__dict__["_decode_step"] = self._compiled_step if compile else self.generator_lm
+            self.__dict__["_compiled_step"] = torch.compile(self.decoder_lm)
+        self.__dict__["_decode_step"] = self._compiled_step if compile else self.decoder_lm
 
     def _join(
         self, prefix: torch.Tensor, prefix_mask: torch.Tensor, input_ids: torch.Tensor, input_mask: torch.Tensor
@@ -264,16 +282,17 @@ class SoftPromptLM(nn.Module):
         """Read each row's soft prompt ``(B, P, D)`` (mask ``(B, P)``) and prompt ``(B, L)`` (padded on either side)
         into a KV cache: rows ready to pick their first token. ``room``: the tokens that will be fed after it (the size
         of a static cache, see ``static_decoding``; a dynamic cache grows as needed)."""
+        lm = self.decoder_lm
         embeds, mask = self.left_aligned(prefix, prefix_mask, input_ids, input_mask)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         width = mask.shape[1]
         cache = None
         if self._decode_step is not None:
             length = static_cache_length(width + room)
-            cache = StaticCache(config=self.generator_lm.config, max_cache_len=length)
+            cache = StaticCache(config=lm.config, max_cache_len=length)
             mask = F.pad(mask, (0, length - width))  # (B, length): the columns to come are masked until written
-        out = self.generator_lm(
-            inputs_embeds=embeds,
+        out = lm(
+            inputs_embeds=embeds.to(lm.get_input_embeddings().weight.dtype),
             attention_mask=mask,
             position_ids=positions,
             cache=cache,
@@ -294,9 +313,10 @@ class SoftPromptLM(nn.Module):
         else:
             mask = torch.cat([rows.mask, rows.mask.new_ones(b, 1)], dim=1)
         positions = rows.positions + 1
-        step = self._decode_step if rows.static else self.generator_lm
+        lm = self.decoder_lm
+        step = self._decode_step if rows.static else lm
         out = step(
-            inputs_embeds=self.embed(tokens[:, None]),
+            inputs_embeds=self.embed(tokens[:, None]).to(lm.get_input_embeddings().weight.dtype),
             attention_mask=mask,
             position_ids=positions,
             cache=rows.cache,

@@ -269,6 +269,31 @@ def test_a_static_cache_drops_the_columns_no_row_reads_in_whole_buckets(backbone
     assert tokens == alone
 
 
+def test_decoding_in_bfloat16_is_a_bfloat16_copy_of_the_backbone_decoding(backbone):
+    """``decode_in(bfloat16)``: the greedy tokens of Hugging Face's own loop on a bfloat16 copy of the backbone reading
+    the same soft prompt and request (statically compiled or not), while scoring and the weights stay float32;
+    ``decode_in(None)`` decodes with the model's own weights again."""
+    model = _model(backbone)
+    batch = _collate(backbone, model, with_answers=False)
+    kwargs = dict(eos_token_id=-1, pad_token_id=1, max_new_tokens=8)
+    full, ppl = model.generate(batch, **kwargs), model.perplexity(_collate(backbone, model))
+    embeds, mask = model.left_aligned(*model.prefix(batch), batch.input_ids, batch.input_mask)
+    half = tiny_backbone().model.to(torch.bfloat16)  # the fixture's weights, without the LoRA the model injected
+    with torch.no_grad():
+        expected = half.generate(
+            inputs_embeds=embeds.to(torch.bfloat16), attention_mask=mask, do_sample=False, max_new_tokens=8,
+            min_new_tokens=8, pad_token_id=1,
+        )  # fmt: skip
+    model.decode_in(torch.bfloat16)
+    assert torch.equal(model.generate(batch, **kwargs), expected)
+    model.static_decoding(compile=False)
+    assert torch.equal(model.generate(batch, **kwargs), expected)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(model.perplexity(_collate(backbone, model)), ppl)
+    model.decode_in(None)
+    assert model.decoder_lm is model.generator_lm and torch.equal(model.generate(batch, **kwargs), full)
+
+
 def test_a_static_cache_holds_every_answer_length(backbone):
     """Around and across bucket boundaries, the static cache has room for every token of the answer (the last one
     is never fed back) and decodes the dynamic cache's tokens."""

@@ -277,7 +277,7 @@ def test_compiled_decoding_with_a_vllm_generator_is_refused_on_one_line(monkeypa
     register(app)
     args = ["serve", "--generator", "vllm", "--vllm-url", "http://127.0.0.1:1", "--compile-decoding"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2 and "--compile-decoding compiles local decoding" in result.output
+    assert result.exit_code == 2 and "with vllm, vLLM decodes" in result.output
 
 
 def test_every_service_limit_is_a_serve_option():

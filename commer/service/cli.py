@@ -119,6 +119,11 @@ def serve(
         help="Decode into a static KV cache with a torch.compile'd step (local generator; docs/benchmarks.md): faster "
         "steps after a compile of about a minute per new batch shape.",
     ),
+    bf16_decode: bool = typer.Option(
+        False,
+        help="Decode with a bfloat16 copy of the generator's weights (+ half their size in memory): faster at large "
+        "batches on CPUs with AMX, slower at one row; greedy answers may change by bf16 rounding (docs/benchmarks.md).",
+    ),
     openai_unknown_user: str = typer.Option(
         "plain", help="/v1/chat/completions for a `user` without a profile: 'plain' (unpersonalized) or '404'."
     ),
@@ -136,10 +141,14 @@ def serve(
         raise typer.BadParameter(f"--generator must be 'local' or 'vllm', got {generator!r}")
     if generator == "vllm" and not vllm_url:
         raise typer.BadParameter("--generator vllm needs --vllm-url, e.g. http://127.0.0.1:8001")
-    if generator == "vllm" and compile_decoding:
-        raise typer.BadParameter("--compile-decoding compiles local decoding; with --generator vllm, vLLM decodes")
+    if generator == "vllm" and (compile_decoding or bf16_decode):
+        raise typer.BadParameter("--compile-decoding and --bf16-decode change local decoding; with vllm, vLLM decodes")
     keys = read_api_keys(api_keys)
     personalizer = served_model(checkpoint, backbone, num_embeddings, bf16_compress)
+    if bf16_decode:
+        import torch
+
+        personalizer.model.decode_in(torch.bfloat16)
     if compile_decoding:
         personalizer.model.static_decoding()
     store = open_store(db, personalizer)
