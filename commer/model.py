@@ -55,9 +55,10 @@ class SoftPromptLM(nn.Module):
         self.backbone_name = backbone.name
         self.backbone_fingerprint = backbone.fingerprint
         self.max_length = backbone.max_length
-        # Set by ``static_decoding``: decode into a static cache with this step (the generator, or it compiled). Kept
-        # out of the submodules (``__dict__``): they share the generator's weights, which must be saved once.
-        self.__dict__.update(_decode_step=None, _compiled_step=None, _decoder=None)  # _decoder: see ``decode_in``
+        # How decoding runs: ``_decoder`` (``decode_in``) a copy of the generator in another dtype, ``_decode_step``
+        # (``static_decoding``) the step over a static cache (the decoder, or ``_compiled_step``: it compiled). Kept
+        # out of the submodules (``__dict__``): they share or copy the frozen generator's weights, never saved.
+        self.__dict__.update(_decoder=None, _decode_step=None, _compiled_step=None)
 
     # -- subclass interface -------------------------------------------------------------------------------------
     @property
@@ -120,7 +121,8 @@ class SoftPromptLM(nn.Module):
         halves the bytes a step reads and runs on AMX: 1.75x float32's compiled step at 16 rows on a 2-core Xeon, 1.18x
         a server's throughput for 16 users with long answers, but slower at one row and for short answers
         (docs/benchmarks.md). Compression, scoring and training keep the model's own weights, so stored compressions
-        do not change; greedy answers may (bf16 rounding swaps near-tied tokens)."""
+        do not change; greedy answers may (bf16 rounding swaps near-tied tokens). The copy stays on the device it was
+        made on: call this after moving the model."""
         own = self.generator_lm.get_input_embeddings().weight.dtype
         copy_ = None if dtype in (None, own) else copy.deepcopy(self.generator_lm).to(dtype)
         static, compiled = self._decode_step is not None, self._decode_step is self._compiled_step is not None

@@ -271,7 +271,7 @@ def test_a_static_cache_drops_the_columns_no_row_reads_in_whole_buckets(backbone
 
 def test_decoding_in_bfloat16_is_a_bfloat16_copy_of_the_backbone_decoding(backbone):
     """``decode_in(bfloat16)``: the greedy tokens of Hugging Face's own loop on a bfloat16 copy of the backbone reading
-    the same soft prompt and request (statically compiled or not), while scoring and the weights stay float32;
+    the same soft prompt and request (with a static cache or not), while scoring and the weights stay float32;
     ``decode_in(None)`` decodes with the model's own weights again."""
     model = _model(backbone)
     batch = _collate(backbone, model, with_answers=False)
@@ -284,7 +284,11 @@ def test_decoding_in_bfloat16_is_a_bfloat16_copy_of_the_backbone_decoding(backbo
             inputs_embeds=embeds.to(torch.bfloat16), attention_mask=mask, do_sample=False, max_new_tokens=8,
             min_new_tokens=8, pad_token_id=1,
         )  # fmt: skip
+    prompt = (*model.prefix(batch), batch.input_ids, batch.input_mask)
+    logits = model.prefill(*prompt).logits
     model.decode_in(torch.bfloat16)
+    assert model.decoder_lm.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert not torch.equal(model.prefill(*prompt).logits, logits)  # bf16 rounding: it is the copy that decodes
     assert torch.equal(model.generate(batch, **kwargs), expected)
     model.static_decoding(compile=False)
     assert torch.equal(model.generate(batch, **kwargs), expected)
