@@ -119,8 +119,9 @@ def measure(dtype: torch.dtype, args: argparse.Namespace, requests: list[str], g
         )
         if args.static_compile:
             # Each against its own loop: HF suppresses EOS until n tokens (min_new_tokens), commer's loop does not.
+            plain = {"commer": tokens[b], "hf": theirs(args.new_tokens)}  # each uncompiled loop's tokens
             for name, what, loop in (("ours_static", "commer", "commer"), ("static", "HF", "hf")):
-                same = torch.equal(runs[loop](args.new_tokens), runs[name](args.new_tokens))
+                same = torch.equal(plain[loop], runs[name](args.new_tokens))
                 print(
                     f"   {what} static cache + torch.compile, batch {b}: {ms[name]:.1f} ms/step, "
                     f"{1e3 * b / ms[name]:.1f} tok/s, its loop/this {ms[loop] / ms[name]:.2f}, same greedy tokens as "

@@ -125,7 +125,8 @@ class SoftPromptLM(nn.Module):
         made on: call this after moving the model."""
         own = self.generator_lm.get_input_embeddings().weight.dtype
         copy_ = None if dtype in (None, own) else copy.deepcopy(self.generator_lm).to(dtype)
-        static, compiled = self._decode_step is not None, self._decode_step is self._compiled_step is not None
+        static = self._decode_step is not None
+        compiled = static and self._decode_step is self._compiled_step
         self.__dict__.update(_decoder=copy_, _compiled_step=None, _decode_step=None)
         if static:  # the compiled step was of the old decoder
             self.static_decoding(compile=compiled)
@@ -262,7 +263,7 @@ class SoftPromptLM(nn.Module):
             f"a prompt of {width} positions with {max_new_tokens} new tokens", width + max_new_tokens, self.max_length
         )
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        rows = self.prefill(prefix, prefix_mask, input_ids, input_mask, room=max_new_tokens - 1)
+        rows = self.prefill(prefix, prefix_mask, input_ids, input_mask, max_new_tokens)
         for step in range(max_new_tokens):
             nxt = sample_next(rows.logits, temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
@@ -279,18 +280,18 @@ class SoftPromptLM(nn.Module):
         prefix_mask: torch.Tensor,
         input_ids: torch.Tensor,
         input_mask: torch.Tensor,
-        room: int = 0,
+        max_new_tokens: int = 1,
     ) -> DecodeRows:
         """Read each row's soft prompt ``(B, P, D)`` (mask ``(B, P)``) and prompt ``(B, L)`` (padded on either side)
-        into a KV cache: rows ready to pick their first token. ``room``: the tokens that will be fed after it (the size
-        of a static cache, see ``static_decoding``; a dynamic cache grows as needed)."""
+        into a KV cache: rows ready to pick their first token. ``max_new_tokens``: the most tokens any row will pick,
+        all but the last fed back (the size of a static cache, see ``static_decoding``; a dynamic cache grows)."""
         lm = self.decoder_lm
         embeds, mask = self.left_aligned(prefix, prefix_mask, input_ids, input_mask)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         width = mask.shape[1]
         cache = None
         if self._decode_step is not None:
-            length = static_cache_length(width + room)
+            length = static_cache_length(width + max_new_tokens - 1)  # the last token is never fed back
             cache = StaticCache(config=lm.config, max_cache_len=length)
             mask = F.pad(mask, (0, length - width))  # (B, length): the columns to come are masked until written
         out = lm(

@@ -209,11 +209,11 @@ class Personalizer:
             ended = [e or t == self.tokenizer.eos_token_id for e, t in zip(ended, tokens, strict=True)]
 
     def prefill(
-        self, profiles: Sequence[ProfileState | None], instructions: Sequence[Prompt], room: int = 0
+        self, profiles: Sequence[ProfileState | None], instructions: Sequence[Prompt], max_new_tokens: int = 1
     ) -> DecodeRows:
         """Rows ready to decode (each row's first token is picked from ``.logits``): what continuous batching joins
-        to the rows already decoding (``commer.service.worker``). ``room``: see ``SoftPromptLM.prefill``."""
-        return self.model.prefill(*self._prompts(profiles, instructions), room=room)
+        to the rows already decoding (``commer.service.worker``). ``max_new_tokens``: see ``SoftPromptLM.prefill``."""
+        return self.model.prefill(*self._prompts(profiles, instructions), max_new_tokens)
 
     def _prompts(
         self, profiles: Sequence[ProfileState | None], instructions: Sequence[Prompt]

@@ -217,7 +217,7 @@ def test_rows_joining_and_leaving_decode_as_each_row_alone(backbone, static):
 
     def prefill(ex: Example):
         batch = _collate(backbone, model, [ex], with_answers=False)
-        return model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask, room=steps - 1)
+        return model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask, steps)
 
     rows, tokens, owners, finished = prefill(EXAMPLES[0]), [[]], [0], []
     for step in range(2 * steps):
@@ -253,7 +253,7 @@ def test_a_static_cache_drops_the_columns_no_row_reads_in_whole_buckets(backbone
     model.static_decoding(compile=False)
 
     def prefill(batch):
-        return model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask, room=3)
+        return model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask, 4)
 
     both = prefill(_collate(backbone, model, [long], with_answers=False)).join(prefill(short))
     assert both.end > STATIC_CACHE_BUCKET and both.mask.shape[1] % STATIC_CACHE_BUCKET == 0
@@ -321,7 +321,7 @@ def test_static_decoding_gives_the_dynamic_cache_greedy_tokens(backbone, compile
     saved = set(model.state_dict())
     model.static_decoding(compile=compile)
     assert set(model.state_dict()) == saved  # the (compiled) step shares the generator's weights: saved once
-    rows = model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask, room=11)
+    rows = model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask, 12)
     assert rows.static and rows.mask.shape[1] % STATIC_CACHE_BUCKET == 0
     assert rows.end + 11 <= rows.mask.shape[1] < rows.end + 11 + STATIC_CACHE_BUCKET
     assert torch.equal(model.generate(batch, **kwargs), dynamic)

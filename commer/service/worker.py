@@ -423,8 +423,8 @@ class ModelWorker:
             temperature = torch.tensor([j.temperature for j in jobs], dtype=torch.float32, device=device)
             top_p = torch.tensor([j.top_p for j in jobs], dtype=torch.float32, device=device)
             generators = sampling_generators([j.seed for j in jobs], len(jobs), device)
-            room = max(j.max_new_tokens for j in jobs) - 1  # the tokens fed after the prompt
-            state = self.personalizer.prefill([j.profile for j in jobs], [j.instruction for j in jobs], room)
+            longest = max(j.max_new_tokens for j in jobs)
+            state = self.personalizer.prefill([j.profile for j in jobs], [j.instruction for j in jobs], longest)
             first = _sample(state, temperature, top_p, generators)
         except Exception as err:  # noqa: BLE001 - reported to the rows it concerns
             if len(jobs) == 1:
