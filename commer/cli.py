@@ -35,6 +35,10 @@ DEMO_USERS = {
     ],
 }
 DEMO_INSTRUCTION = "Write a short tweet about my plans for Saturday."
+SPLIT_SEED_HELP = (
+    "The user split's seed (training's data.split_seed); default: the seed the checkpoint's run recorded in its "
+    "split.json, else training's default. Users the checkpoint trained on are refused."
+)
 
 
 @app.command()
@@ -158,7 +162,7 @@ def evaluate(
     split: str = typer.Option("test", help="'validation' to choose settings, 'test' to report them once."),
     generate_users: int = typer.Option(0, help="Users whose greedy answers are generated and scored."),
     with_text: bool = typer.Option(False, help="Also score the documents folded into the request as text."),
-    seed: int = typer.Option(0, help="The user split's seed (training's data.split_seed)."),
+    seed: int | None = typer.Option(None, help=SPLIT_SEED_HELP),
     users_matching: str = typer.Option("", help="Only users whose id starts with this (e.g. fineweb-page-)."),
     per_user: int = typer.Option(1, min=1, help="Examples per user (news: an author has many)."),
     output: Path | None = typer.Option(None, help="Write the numbers and what was run as JSON here."),
@@ -282,6 +286,7 @@ def memories(
     generate_examples: int = typer.Option(40, help="Questions whose greedy answers are generated and scored."),
     summary: bool = typer.Option(True, help="Include the text summary (the slowest: every update is a generation)."),
     text: bool = typer.Option(True, help="Include the documents as text (slow: prompts reach thousands of tokens)."),
+    seed: int | None = typer.Option(None, help=SPLIT_SEED_HELP),
 ) -> None:
     """Figure 5: every way of reading a user's memories (mean, retrieval-merge, prompt tuning, text summary, text)
     against the number of memories, on held-out users."""
@@ -289,7 +294,7 @@ def memories(
 
     run_memories(
         commer_checkpoint, prompt_tuning, output_dir, task, n, top_k, split, min_margin, data_dir, max_examples,
-        generate_examples, summary=summary, text=text, progress=typer.echo,
+        generate_examples, seed=seed, summary=summary, text=text, progress=typer.echo,
     )  # fmt: skip
     typer.echo(f"wrote {output_dir}/memories.json, memories.md and memories.png")
 

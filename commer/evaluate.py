@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from commer.backbone import load_backbone
 from commer.batch import Batch
-from commer.checkpoint import load_checkpoint
-from commer.config import DEFAULT_BACKBONE, ComMerConfig
+from commer.checkpoint import load_checkpoint, resolve_checkpoint
+from commer.config import DEFAULT_BACKBONE, ComMerConfig, DataConfig
+from commer.data.splits import SplitInfo, recorded_split
 from commer.data.tasks import load_splits
 from commer.errors import ConfigError
 from commer.model import ComMer, SoftPromptLM
@@ -325,6 +326,33 @@ def compare_documents(
     return result
 
 
+def _recorded_split(checkpoint: str | None) -> SplitInfo | None:
+    return None if checkpoint is None else recorded_split(resolve_checkpoint(checkpoint))
+
+
+def heldout_seed(checkpoint: str | None, seed: int | None) -> int:
+    """The split seed to evaluate ``checkpoint`` with: ``seed``, else the one its training run recorded, else
+    training's default (``data.split_seed``)."""
+    if seed is not None:
+        return seed
+    recorded = _recorded_split(checkpoint)
+    return recorded.seed if recorded is not None else DataConfig().split_seed
+
+
+def check_heldout(checkpoint: str | None, info: SplitInfo, split: str) -> None:
+    """ConfigError when ``split``'s users under ``info`` include users the run of ``checkpoint`` trained on: its
+    scores would not be held-out ones (e.g. a run trained with ``data.split_seed=3`` evaluated with seed 0)."""
+    recorded = _recorded_split(checkpoint)
+    if recorded is None:
+        return
+    seen = sorted(set(info.users[split]) & set(recorded.users["train"]))
+    if seen:
+        raise ConfigError(
+            f"{checkpoint} was trained on {len(seen)} of the {split} users under split seed {info.seed} (e.g. "
+            f"{seen[0]!r}); its run's split seed is {recorded.seed}: evaluate with that seed"
+        )
+
+
 def evaluate_heldout(
     checkpoint: str | None,
     task: str,
@@ -335,18 +363,19 @@ def evaluate_heldout(
     generate_examples: int = 0,
     with_text: bool = False,
     max_new_tokens: int = 48,
-    seed: int = 0,
+    seed: int | None = None,
     backbone: str = DEFAULT_BACKBONE,
     user_prefix: str = "",
     per_user: int = 1,
 ) -> tuple[Comparison, dict[str, Any]]:
     """``compare_documents`` for a checkpoint (a folder, ``"pretrained"``, or ``None``: the frozen backbone alone) on
-    the first ``users`` users of a task's ``split`` (split by user with ``seed``, as training splits them; up to
-    ``per_user`` examples each; only ids starting with ``user_prefix``). Returns the comparison and a record of what
-    was run."""
-    splits, info = load_splits(task, data_dir, n_docs, seed)
+    the first ``users`` users of a task's ``split`` (split by user with ``seed``, as training splits them: default
+    ``heldout_seed``; up to ``per_user`` examples each; only ids starting with ``user_prefix``). Returns the comparison
+    and a record of what was run."""
+    splits, info = load_splits(task, data_dir, n_docs, heldout_seed(checkpoint, seed))
     if split not in splits:
         raise ConfigError(f"split must be one of {', '.join(splits)}, got {split!r}")
+    check_heldout(checkpoint, info, split)
     chosen: dict[str, list[Example]] = {}  # up to per_user examples of each user (a FineWeb page has dozens)
     for ex in splits[split]:
         if ex.user_id.startswith(user_prefix) and len(chosen.setdefault(ex.user_id, [])) < per_user:

@@ -317,7 +317,8 @@ class SoftPromptLM(nn.Module):
             mask = torch.cat([rows.mask, rows.mask.new_ones(b, 1)], dim=1)
         positions = rows.positions + 1
         lm = self.decoder_lm
-        step = self._decode_step if rows.static else lm
+        # Rows prefilled into a static cache keep decoding after ``static_decoding(False)``: uncompiled, same cache.
+        step = self._decode_step if rows.static and self._decode_step is not None else lm
         out = step(
             inputs_embeds=self.embed(tokens[:, None]).to(lm.get_input_embeddings().weight.dtype),
             attention_mask=mask,

@@ -36,7 +36,7 @@ from commer.backbone import Backbone, load_backbone
 from commer.batch import Batch
 from commer.checkpoint import load_trainable, save_checkpoint
 from commer.config import RunConfig, TrainConfig
-from commer.data.splits import SplitInfo
+from commer.data.splits import SPLIT_FILE, SplitInfo
 from commer.data.tasks import load_splits
 from commer.errors import ConfigError
 from commer.evaluate import autocast, nll_totals
@@ -493,7 +493,7 @@ def run(
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        (out / "split.json").write_text(json.dumps(split_info.to_dict(), indent=1) + "\n")
+        (out / SPLIT_FILE).write_text(json.dumps(split_info.to_dict(), indent=1) + "\n")
         tqdm.write(
             f"{config.data.task}: {len(train_examples)} training and {len(val_examples)} validation examples, "
             f"{config.model.method} K={config.model.num_embeddings} on {backbone.name}, output {out}, "

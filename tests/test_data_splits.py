@@ -2,8 +2,17 @@ import json
 
 import pytest
 
+from commer.data.errors import DataError
 from commer.data.lamp import load_lamp7
-from commer.data.splits import MAX_EXAMPLE_CHARS, SPLITS, filter_by_length, split_users
+from commer.data.splits import (
+    MAX_EXAMPLE_CHARS,
+    SPLIT_FILE,
+    SPLITS,
+    SplitInfo,
+    filter_by_length,
+    recorded_split,
+    split_users,
+)
 from commer.text import Example
 
 pytest_plugins = ["data_fixtures"]
@@ -60,6 +69,19 @@ def test_split_info_json_and_apply():
     parts = info.apply(examples)
     assert [e.user_id for e in parts["test"]] == info.users["test"]
     assert info.split_of(info.users["validation"][0]) == "validation"
+    assert SplitInfo.from_dict(record) == info
+
+
+def test_a_checkpoint_finds_the_split_its_run_recorded(tmp_path):
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    assert recorded_split(run / "best") is None
+    info = split_users([f"u{i}" for i in range(10)], seed=3)
+    (run / SPLIT_FILE).write_text(json.dumps(info.to_dict()))  # as training writes it, beside best/ and last/
+    assert recorded_split(run / "best") == info == recorded_split(run)
+    (run / SPLIT_FILE).write_text('{"seed": 3}')
+    with pytest.raises(DataError, match="split.json is damaged"):
+        recorded_split(run / "best")
 
 
 def test_lamp7_users_split_disjointly(data_dir):

@@ -10,9 +10,11 @@ import pytest
 import torch
 from conftest import tiny_backbone
 
-from commer.checkpoint import save_checkpoint
+from commer.checkpoint import load_checkpoint, save_checkpoint
 from commer.config import ComMerConfig
 from commer.data.perltqa import MEMORY_FILE, QA_FILE
+from commer.data.splits import SPLIT_FILE, split_users
+from commer.errors import ConfigError
 from commer.experiments.memories import MEAN, reference_recall, run_memories, top_k_documents
 from commer.model import ComMer, PromptTuning
 from commer.text import Example
@@ -114,3 +116,24 @@ def test_reference_recall_counts_the_referenced_memories_in_the_top_k():
     assert reference_recall(example, 1, scores, {"d1", "d2"}) == 1.0
     # below the margin all are kept: the referenced memory is among them
     assert reference_recall(example, 1, scores, {"d3"}, min_margin=0.9) == 1.0
+
+
+def test_a_run_is_evaluated_on_the_users_it_held_out(checkpoints, tmp_path):
+    """Figure 5 on a run trained with data.split_seed=3 splits the users with 3 unless told otherwise, and refuses a
+    seed whose test users the run trained on (the scores would not be held-out ones)."""
+    run = tmp_path / "run"
+    save_checkpoint(load_checkpoint(checkpoints / "commer"), run / "best")
+    trained = split_users(PERSONAS, seed=3)
+    (run / SPLIT_FILE).write_text(json.dumps(trained.to_dict()))
+    run_memories(
+        str(run / "best"), None, tmp_path / "out", memories=(1,), top_k=(1,), data_dir=str(checkpoints / "data"),
+        generate_examples=0, summary=False, text=False, progress=lambda _: None,
+    )  # fmt: skip
+    record = json.loads((tmp_path / "out" / "memories.json").read_text())
+    assert record["seed"] == 3 and record["split"] == "test"
+    leaking = next(s for s in range(100) if split_users(PERSONAS, seed=s).users["test"][0] in trained.users["train"])
+    with pytest.raises(ConfigError, match=f"trained on 1 of the test users under split seed {leaking}.*seed is 3"):
+        run_memories(
+            str(run / "best"), None, tmp_path / "out", memories=(1,), data_dir=str(checkpoints / "data"),
+            seed=leaking, summary=False, text=False,
+        )  # fmt: skip

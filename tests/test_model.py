@@ -313,7 +313,8 @@ def test_a_static_cache_holds_every_answer_length(backbone):
 @pytest.mark.parametrize("compile", [False, True], ids=["static-cache", "compiled"])
 def test_static_decoding_gives_the_dynamic_cache_greedy_tokens(backbone, compile):
     """The static KV cache (and the compiled step over it) decodes a padded batch to the tokens of today's dynamic
-    cache in float32, rows of different lengths included; turned off, decoding is the dynamic path again."""
+    cache in float32, rows of different lengths included; turned off, decoding is the dynamic path again (rows already
+    in a static cache decode on)."""
     model = _model(backbone)
     batch = _collate(backbone, model, with_answers=False)
     kwargs = dict(eos_token_id=-1, pad_token_id=1, max_new_tokens=12)
@@ -328,6 +329,9 @@ def test_static_decoding_gives_the_dynamic_cache_greedy_tokens(backbone, compile
     model.static_decoding(False)
     assert not model.prefill(*model.prefix(batch), batch.input_ids, batch.input_mask).static
     assert torch.equal(model.generate(batch, **kwargs), dynamic)
+    # rows prefilled while it was on decode on, uncompiled, in their static cache
+    rows = model.advance(rows, dynamic[:, 0])
+    assert rows.static and torch.equal(rows.logits.argmax(-1), dynamic[:, 1])
 
 
 def test_sampling_is_seeded_and_differs_from_greedy(backbone):

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from commer.data.errors import DataError
 from commer.errors import ConfigError
 from commer.text import Example
 
 MAX_EXAMPLE_CHARS = 2900
 SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+SPLIT_FILE = "split.json"  # what training writes into its output folder, beside the checkpoints best/ and last/
 
 
 @dataclass
@@ -73,6 +77,23 @@ class SplitInfo:
         if with_users:
             out["users"] = {name: list(ids) for name, ids in self.users.items()}
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SplitInfo:
+        """The inverse of ``to_dict()`` (with its users)."""
+        return cls(seed=data["seed"], fractions=data["fractions"], users=data["users"])
+
+
+def recorded_split(checkpoint: str | Path) -> SplitInfo | None:
+    """The split the training run of ``checkpoint`` recorded: ``split.json`` in the checkpoint's folder or in the run
+    folder above it (``<output_dir>/best``), or None when there is none (the shipped compressor, a copied folder)."""
+    for path in (Path(checkpoint) / SPLIT_FILE, Path(checkpoint).parent / SPLIT_FILE):
+        if path.is_file():
+            try:
+                return SplitInfo.from_dict(json.loads(path.read_text()))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(f"{path} is damaged ({err}): expected a split's seed, fractions and users") from err
+    return None
 
 
 def _rank_key(seed: int, user_id: str) -> str:

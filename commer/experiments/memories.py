@@ -35,7 +35,7 @@ from commer.config import MEMORIES, ComMerConfig
 from commer.data.splits import SPLITS
 from commer.data.tasks import load_splits
 from commer.errors import ConfigError
-from commer.evaluate import evaluate_examples
+from commer.evaluate import check_heldout, evaluate_examples, heldout_seed
 from commer.experiments.figures import _pyplot, _save
 from commer.merge import dense_scores, top_k_indices
 from commer.model import ComMer, SoftPromptLM
@@ -146,7 +146,7 @@ def run_memories(
     max_examples: int | None = None,
     generate_examples: int = 40,
     max_new_tokens: int = 32,
-    seed: int = 0,
+    seed: int | None = None,
     summary: bool = True,
     text: bool = True,
     progress: Callable[[str], None] = print,
@@ -154,13 +154,19 @@ def run_memories(
     """Every method at every number of memories on ``split``'s questions of ``task``; writes ``memories.json``,
     ``memories.md`` and ``memories.png`` to ``output_dir`` and returns the points. ``summary=False`` leaves out the
     text summary (each of its updates is a generation: the slowest method to evaluate), ``text=False`` the documents
-    as text (their prompts reach thousands of tokens): what choosing ComMer's settings on validation does without."""
+    as text (their prompts reach thousands of tokens): what choosing ComMer's settings on validation does without.
+    Users are split with ``seed`` (default: the seed the ComMer checkpoint's run recorded); a checkpoint whose run
+    trained on users of ``split`` is refused."""
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if any(k < 1 for k in top_k) or any(n < 1 for n in memories):
         raise ConfigError(f"memories and top_k must be >= 1, got {list(memories)} and {list(top_k)}")
     if any(not 0 <= m <= 1 for m in min_margins):
         raise ConfigError(f"min_margin must be in [0, 1], got {list(min_margins)}")
+    seed = heldout_seed(commer_checkpoint, seed)
+    info = load_splits(task, data_dir, 1, seed, max_chars=10**9)[1]
+    for checkpoint in (commer_checkpoint, prompt_tuning_checkpoint):
+        check_heldout(checkpoint, info, split)
     commer = load_checkpoint(commer_checkpoint)
     if not isinstance(commer, ComMer):
         raise ConfigError(f"{commer_checkpoint} is not a ComMer checkpoint")
