@@ -1,9 +1,12 @@
 """The cost of answering: ComMer (K=16) against prompt tuning with the same documents in its prompt, side by side;
 then what retrieval-merge adds per request against the O(1) mean, at 10, 100 and 1,000 stored documents.
 
-    python bench/answer_cost.py [--backbone smollm2-135m] [--k 16] [--users 8] [--new-tokens 32] [--rounds 3]
+    python bench/answer_cost.py [--task lamp7] [--backbone smollm2-135m] [--k 16] [--users 8] [--new-tokens 32]
+                                [--rounds 3]
 
-Real LaMP-7 users with at least 8 profile tweets (their top-8 by BM25), at 1, 4 and 8 documents each. For each number
+Real users with at least 8 documents, at 1, 4 and 8 documents each: LaMP-7 users (their top-8 profile tweets by BM25,
+about 30 tokens each) or, with ``--task perltqa``, one question of each PerLTQA persona with 8 of its memories (events
+and dialogues: hundreds of tokens each, Figure 5's setting). For each number
 of documents it times one batch of ``--users`` requests: ComMer generating from the users' merged soft prompts
 (compressed beforehand, as the profile store keeps them), ComMer compressing the documents first (what a cold start
 costs), and prompt tuning reading the documents as text. Every request decodes exactly ``--new-tokens`` tokens (EOS is
@@ -32,7 +35,7 @@ import torch
 from commer.backbone import load_backbone
 from commer.checkpoint import model_fingerprint
 from commer.config import ComMerConfig
-from commer.data.lamp import load_lamp7
+from commer.data.tasks import LOADERS
 from commer.evaluate import autocast, prompt_cost
 from commer.model import ComMer, PromptTuning
 from commer.serving import Personalizer
@@ -45,6 +48,7 @@ STORED = (10, 100, 1000)  # stored documents per user, for retrieval-merge
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="lamp7", choices=["lamp7", "perltqa"], help="Whose documents.")
     parser.add_argument("--backbone", default="smollm2-135m")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--k", type=int, default=16)
@@ -55,8 +59,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
-    users = [e for e in load_lamp7(args.data_dir, n_docs=max(DOCS)).examples if len(e.documents) >= max(DOCS)]
-    users = users[: args.users]
+    examples = LOADERS[args.task](args.data_dir, max(DOCS), 0).examples
+    users = list({e.user_id: e for e in reversed(examples) if len(e.documents) >= max(DOCS)}.values())[::-1]
+    users = users[: args.users]  # the first example of each user with enough documents
     # Two backbones: ComMer injects its LoRA into the weights it is given, and prompt tuning must run the plain model.
     commer = ComMer(load_backbone(args.backbone), ComMerConfig(num_embeddings=args.k)).eval()
     backbone = load_backbone(args.backbone)
@@ -101,9 +106,8 @@ def main() -> None:
     median = {key: statistics.median(t) for key, t in times.items()}
 
     print(
-        f"backbone {args.backbone}, K={args.k}, {len(users)} LaMP-7 users per batch, {args.new_tokens} new tokens "
-        f"each, "
-        f"torch threads {torch.get_num_threads()}, median of {args.rounds} alternating rounds"
+        f"backbone {args.backbone}, K={args.k}, {len(users)} {args.task} users per batch, {args.new_tokens} new "
+        f"tokens each, torch threads {torch.get_num_threads()}, median of {args.rounds} alternating rounds"
     )
     print("generator prompt tokens per request (soft prompt + text prompt) and seconds per batch:")
     print(" docs | ComMer tok | PT tok | ComMer s | ComMer+compress s |  PT s | ComMer/PT s | first token: ComMer/PT s")

@@ -299,6 +299,19 @@ def memories(
     typer.echo(f"wrote {output_dir}/memories.json, memories.md and memories.png")
 
 
+@app.command("memories-pool")
+def memories_pool(
+    records: list[Path] = typer.Argument(..., help="memories.json of runs that each held out other users (folds)."),
+    output_dir: Path = typer.Option(Path("runs/memories-pool"), help="Where pooled.md and pooled.png go."),
+) -> None:
+    """Leave one persona out: each fold's perplexities side by side, their geometric mean, and the folds where each
+    method beats commer-mean."""
+    from commer.experiments.memories import pool_folds
+
+    typer.echo(pool_folds(records, output_dir))
+    typer.echo(f"wrote {output_dir}/pooled.md and pooled.png")
+
+
 # sub-commands of other modules, registered after the app exists
 from commer.data.cli import data_app  # noqa: E402
 

@@ -15,7 +15,7 @@ from commer.config import ComMerConfig
 from commer.data.perltqa import MEMORY_FILE, QA_FILE
 from commer.data.splits import SPLIT_FILE, split_users
 from commer.errors import ConfigError
-from commer.experiments.memories import MEAN, reference_recall, run_memories, top_k_documents
+from commer.experiments.memories import MEAN, pool_folds, reference_recall, run_memories, top_k_documents
 from commer.model import ComMer, PromptTuning
 from commer.text import Example
 
@@ -137,3 +137,25 @@ def test_a_run_is_evaluated_on_the_users_it_held_out(checkpoints, tmp_path):
             str(run / "best"), None, tmp_path / "out", memories=(1,), data_dir=str(checkpoints / "data"),
             seed=leaking, summary=False, text=False,
         )  # fmt: skip
+
+
+def test_pooling_folds_weighs_each_fold_the_same_and_counts_the_wins(tmp_path):
+    """Two folds: BM25 wins the first by a little and loses the second by a lot; the geometric mean and the wins
+    say so, per number of memories."""
+    points = {
+        "ann": {(MEAN, 8): 4.0, ("commer-bm25-top1", 8): 3.0, (MEAN, 16): 4.0, ("commer-bm25-top1", 16): 5.0},
+        "bo": {(MEAN, 8): 9.0, ("commer-bm25-top1", 8): 12.0, (MEAN, 16): 9.0, ("commer-bm25-top1", 16): 8.0},
+    }
+    paths = []
+    for user, ppl in points.items():
+        path = tmp_path / f"{user}.json"
+        record = [dict(method=m, memories=n, perplexity=v) for (m, n), v in ppl.items()]
+        path.write_text(json.dumps({"users": [user], "points": record}))
+        paths.append(path)
+    markdown = pool_folds(paths, tmp_path / "pooled")
+    assert "| commer-bm25-top1 | 8 | 3.00 | 12.00 | 6.000 | 1 |" in markdown
+    assert "| commer-bm25-top1 | 16 | 5.00 | 8.00 | 6.325 | 1 |" in markdown
+    assert f"| {MEAN} | 8 | 4.00 | 9.00 | 6.000 |  |" in markdown
+    assert (tmp_path / "pooled" / "pooled.png").stat().st_size > 0
+    with pytest.raises(ConfigError, match="at least two folds"):
+        pool_folds(paths[:1], tmp_path)

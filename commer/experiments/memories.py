@@ -15,13 +15,15 @@ ones it refers to) are answered by:
 Each gets the perplexity of the gold answer, ROUGE-1/L of its greedy answer, and the generator's prompt tokens (soft
 prompt + text prompt). On PerLTQA, where each question names the memories it refers to, each relevance signal also gets
 its reference recall: how many of those memories its top k holds. ``commer memories`` runs it and writes a JSON table,
-a Markdown table and a PNG.
+a Markdown table and a PNG; ``commer memories-pool`` puts the records of several runs, each holding out other users
+(leave one persona out), side by side.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -242,6 +244,7 @@ def run_memories(
         "task": task,
         "split": split,
         "seed": seed,
+        "users": info.users[split],
         "summary_of_the_first_question": summaries[0] if summary else None,
         "points": [asdict(p) for p in points],
         "reference_recall": [asdict(r) for r in recalls],
@@ -296,3 +299,60 @@ def plot(points: Sequence[Point], path: Path, title: str) -> Path:
     axes[1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def pool_folds(records: Sequence[str | Path], output_dir: str | Path, baseline: str = MEAN) -> str:
+    """Leave one persona out: ``memories.json`` records of runs that each held out other users, side by side.
+
+    Per method and number of memories: each fold's perplexity, their geometric mean (every fold weighs the same,
+    whatever its number of questions) and the folds where the method is below ``baseline``'s perplexity. Writes
+    ``pooled.md`` and ``pooled.png`` (each method's perplexity over the baseline's, per fold) to ``output_dir`` and
+    returns the Markdown."""
+    if len(records) < 2:
+        raise ConfigError(f"pooling needs the records of at least two folds, got {len(records)}")
+    folds: dict[str, dict[tuple[str, int], float]] = {}
+    for path in records:
+        record = json.loads(Path(path).read_text())
+        name = ", ".join(record.get("users") or [Path(path).parent.name])  # older records name no users
+        if name in folds:
+            raise ConfigError(f"{path}: a second record of the fold {name!r}")
+        folds[name] = {(p["method"], p["memories"]): p["perplexity"] for p in record["points"]}
+    keys = [key for key in next(iter(folds.values())) if all(key in fold for fold in folds.values())]
+    if not any(method == baseline for method, _ in keys):
+        raise ConfigError(f"{baseline!r} is not in every record: nothing to compare with")
+    ns = sorted({n for _, n in keys})
+    lines = [
+        "| method | n | " + " | ".join(folds) + " | geometric mean | folds below " + baseline + " |",
+        "| --- | --- |" + " --- |" * (len(folds) + 2),
+    ]
+    ratios: dict[tuple[str, int], list[float]] = {}
+    for method, n in sorted(keys, key=lambda key: (key[1], keys.index(key))):
+        values = [fold[method, n] for fold in folds.values()]
+        ratios[method, n] = [v / fold[baseline, n] for v, fold in zip(values, folds.values(), strict=True)]
+        below = sum(r < 1 for r in ratios[method, n])
+        geometric = math.exp(sum(map(math.log, values)) / len(values))
+        cells = " | ".join(f"{v:.2f}" for v in values)
+        lines.append(f"| {method} | {n} | {cells} | {geometric:.3f} | {'' if method == baseline else below} |")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = "\n".join(lines)
+    (out / "pooled.md").write_text(markdown + "\n")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(ns), figsize=(5.5 * len(ns), 4.2), squeeze=False)
+    methods = [m for m in dict.fromkeys(m for m, _ in keys) if m not in (baseline, NO_DOCS)]
+    width = 0.8 / max(1, len(methods))
+    for ax, n in zip(axes[0], ns, strict=True):
+        for i, method in enumerate(methods):
+            if (method, n) in ratios:
+                xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(folds))]
+                ax.bar(xs, ratios[method, n], width, label=method)
+        shown = [r for m in methods for r in ratios.get((m, n), [])] or [1.0]
+        ax.set_ylim(min(0.9, min(shown) - 0.02), max(1.1, max(shown) + 0.02))  # from 0, bars would hide the gaps
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(folds)), list(folds), rotation=20, fontsize=8)
+        ax.set_ylabel(f"perplexity / {baseline}'s (below 1: better)")
+        ax.set_title(f"{n} memories per question", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("held-out persona of each fold", fontsize=10)
+    _save(fig, out / "pooled.png")
+    return markdown
