@@ -320,7 +320,7 @@ class SoftPromptLM(nn.Module):
         # Rows prefilled into a static cache keep decoding after ``static_decoding(False)``: uncompiled, same cache.
         step = self._decode_step if rows.static and self._decode_step is not None else lm
         out = step(
-            inputs_embeds=self.embed(tokens[:, None]).to(lm.get_input_embeddings().weight.dtype),
+            inputs_embeds=lm.get_input_embeddings()(tokens[:, None]),  # (B, 1, D), in the decoder's dtype
             attention_mask=mask,
             position_ids=positions,
             cache=rows.cache,
