@@ -130,7 +130,7 @@ def test_a_run_is_evaluated_on_the_users_it_held_out(checkpoints, tmp_path):
         generate_examples=0, summary=False, text=False, progress=lambda _: None,
     )  # fmt: skip
     record = json.loads((tmp_path / "out" / "memories.json").read_text())
-    assert record["seed"] == 3 and record["split"] == "test"
+    assert record["seed"] == 3 and record["split"] == "test" and record["users"] == trained.users["test"]
     leaking = next(s for s in range(100) if split_users(PERSONAS, seed=s).users["test"][0] in trained.users["train"])
     with pytest.raises(ConfigError, match=f"trained on 1 of the test users under split seed {leaking}.*seed is 3"):
         run_memories(

@@ -326,7 +326,7 @@ def pool_folds(records: Sequence[str | Path], output_dir: str | Path, baseline: 
         "| --- | --- |" + " --- |" * (len(folds) + 2),
     ]
     ratios: dict[tuple[str, int], list[float]] = {}
-    for method, n in sorted(keys, key=lambda key: (key[1], keys.index(key))):
+    for method, n in sorted(keys, key=lambda key: key[1]):  # by n; stable: each n's methods in record order
         values = [fold[method, n] for fold in folds.values()]
         ratios[method, n] = [v / fold[baseline, n] for v, fold in zip(values, folds.values(), strict=True)]
         below = sum(r < 1 for r in ratios[method, n])
