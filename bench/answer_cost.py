@@ -59,9 +59,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
-    examples = LOADERS[args.task](args.data_dir, max(DOCS), 0).examples
-    users = list({e.user_id: e for e in reversed(examples) if len(e.documents) >= max(DOCS)}.values())[::-1]
-    users = users[: args.users]  # the first example of each user with enough documents
+    first: dict[str, Example] = {}  # the first example of each user with enough documents
+    for e in LOADERS[args.task](args.data_dir, max(DOCS), 0).examples:
+        if len(e.documents) >= max(DOCS):
+            first.setdefault(e.user_id, e)
+    users = list(first.values())[: args.users]
     # Two backbones: ComMer injects its LoRA into the weights it is given, and prompt tuning must run the plain model.
     commer = ComMer(load_backbone(args.backbone), ComMerConfig(num_embeddings=args.k)).eval()
     backbone = load_backbone(args.backbone)
